@@ -1,0 +1,112 @@
+"""The ``noop`` analysis: a configurable loop for tests, benchmarks and first runs.
+
+Besides sleeping or spinning for a number of steps it can inject every fault
+the service must survive: failures, ignored cancels, abrupt exits, signals,
+memory use and child processes. Every step reports progress and checks for
+cancel, unless ``ignore_cancel`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from typing import Any
+
+from analyses import registry
+from analyses.errors import AnalysisError, RetryableError
+
+_SIGNALS = ("SIGKILL", "SIGTERM", "SIGSEGV", "SIGABRT", "SIGINT")
+
+
+def _append_run_log(path: str, context, event: str) -> None:
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"{context.job_id} {context.attempt} {os.getpid()} {event}\n")
+
+
+def _busy_wait(seconds: float) -> None:
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        pass
+
+
+def run_noop(params: dict[str, Any], context) -> Any:
+    run_log = params.get("run_log")
+    if run_log:
+        _append_run_log(run_log, context, "start")
+
+    child = None
+    if params.get("spawn_child"):
+        # A new session makes the child a process group leader; the worker
+        # records that group so termination reaches the shell's children too.
+        child = subprocess.Popen(params["spawn_child"], shell=True, start_new_session=True)
+        context.register_process_group(child.pid)
+
+    ballast = None
+    if params.get("alloc_mib"):
+        # Touch every page so the memory is really resident, not just reserved.
+        ballast = bytearray(params["alloc_mib"] * 1024 * 1024)
+        for offset in range(0, len(ballast), 4096):
+            ballast[offset] = 1
+
+    steps = params["steps"]
+    context.phase("steps", total=steps)
+    for step in range(steps):
+        if not params["ignore_cancel"]:
+            context.check_cancelled()
+        if params.get("fail_at") is not None and step == params["fail_at"]:
+            if params["fail_kind"] == "retryable":
+                raise RetryableError(f"injected retryable failure at step {step}")
+            raise AnalysisError(f"injected failure at step {step}", {"step": step})
+        if params.get("exit_code") is not None and step == params.get("exit_at", 0):
+            os._exit(params["exit_code"])
+        if params.get("kill_signal") and step == params.get("exit_at", 0):
+            os.kill(os.getpid(), getattr(signal, params["kill_signal"]))
+            time.sleep(5)
+        if params["cpu"]:
+            _busy_wait(params["step_seconds"])
+        elif params["step_seconds"]:
+            time.sleep(params["step_seconds"])
+        context.progress(step + 1)
+
+    if child is not None:
+        child.wait()
+    del ballast
+    if run_log:
+        _append_run_log(run_log, context, "end")
+    if "result" in params:
+        return params["result"]
+    return {"steps": steps}
+
+
+NOOP = registry.register(
+    registry.Analysis(
+        name="noop",
+        summary="Sleep or spin for a number of steps; injects faults for testing.",
+        body=run_noop,
+        params=(
+            registry.Param("steps", "integer", "number of loop steps", default=10, minimum=0, maximum=10_000_000),
+            registry.Param("step_seconds", "number", "sleep (or spin, with cpu) per step, in seconds",
+                           default=0.0, minimum=0, maximum=3600),
+            registry.Param("cpu", "boolean", "spin on the CPU instead of sleeping", default=False),
+            registry.Param("fail_at", "integer", "step at which to raise an error", minimum=0),
+            registry.Param("fail_kind", "string", "kind of injected failure", default="final",
+                           choices=("retryable", "final")),
+            registry.Param("ignore_cancel", "boolean", "never check for cancel", default=False),
+            registry.Param("spawn_child", "string", "shell command started in its own process group",
+                           max_length=1000),
+            registry.Param("exit_code", "integer", "leave with os._exit(exit_code) at step exit_at",
+                           minimum=0, maximum=255),
+            registry.Param("kill_signal", "string", "kill the worker with this signal at step exit_at",
+                           choices=_SIGNALS),
+            registry.Param("exit_at", "integer", "step for exit_code and kill_signal", default=0, minimum=0),
+            registry.Param("alloc_mib", "integer", "hold this much memory while running, in MiB",
+                           minimum=0, maximum=65536),
+            registry.Param("result", "json", "summary returned as given"),
+            registry.Param("run_log", "string", "file that gets a line at each start and end of the body",
+                           max_length=4096),
+        ),
+        max_attempts=3,
+    )
+)
