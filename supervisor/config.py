@@ -1,0 +1,229 @@
+"""Settings of the service, read from defaults, a TOML file, the environment and flags.
+
+Later sources win: a flag beats ``ANALYSIS_*`` environment variables, which
+beat the TOML file (``ANALYSIS_CONFIG``, else ``<data dir>/config.toml``),
+which beats the defaults below. Every setting remembers where its value came
+from, so ``analysisctl config show`` can say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from supervisor.errors import ConfigError
+
+ENV_PREFIX = "ANALYSIS_"
+APP_NAME = "analysis-jobs"
+
+# Lease and heartbeat: a supervisor renews every HEARTBEAT seconds, so a lease
+# of LEASE seconds survives two missed renewals before another supervisor may
+# recover the job.
+LEASE_SECONDS_DEFAULT = 30.0
+HEARTBEAT_SECONDS_DEFAULT = 5.0
+# The fallback poll when a LISTEN notification is lost; a lost notification
+# costs at most this long.
+POLL_SECONDS_DEFAULT = 1.0
+CANCEL_GRACE_SECONDS_DEFAULT = 10.0
+# Shorter than the ExitTimeOut of the launchd plist (20 s), so a stopping
+# supervisor re-queues its jobs before launchd sends SIGKILL.
+SHUTDOWN_GRACE_SECONDS_DEFAULT = 10.0
+PROGRESS_INTERVAL_SECONDS_DEFAULT = 0.5
+WORKER_START_TIMEOUT_SECONDS_DEFAULT = 60.0
+# Parameters travel in rows and events; a sensor list of a few thousand ids
+# is about 100 KB, so 256 KiB leaves room without letting rows grow unbounded.
+MAX_PARAMS_BYTES_DEFAULT = 256 * 1024
+STATEMENT_TIMEOUT_MS_DEFAULT = 30_000
+IDLE_IN_TRANSACTION_TIMEOUT_MS_DEFAULT = 60_000
+RETRY_BASE_SECONDS_DEFAULT = 2.0
+RETRY_MAX_SECONDS_DEFAULT = 300.0
+
+
+def default_data_dir() -> Path:
+    """Return the per-user folder for the embedded database and result files."""
+    home = Path.home()
+    if sys.platform == "darwin":
+        return home / "Library" / "Application Support" / APP_NAME
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else home / ".local" / "share") / APP_NAME
+
+
+def default_workers() -> int:
+    """Return the number of worker slots the machine can give.
+
+    On Apple silicon this is the performance-core count: ``os.cpu_count()``
+    and psutil include the efficiency cores, which are much slower for
+    numeric work. Elsewhere it is the number of CPUs this process may use.
+    """
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        import subprocess
+
+        try:
+            output = subprocess.run(
+                ["sysctl", "-n", "hw.perflevel0.physicalcpu"],
+                capture_output=True, text=True, timeout=5, check=True,
+            ).stdout
+            return max(1, int(output.strip()))
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: type
+    default: Any
+    help: str
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("database_url", str, None,
+            "Postgres URL (postgresql://user@host:port/db); unset starts an embedded server", secret=True),
+    Setting("data_dir", Path, None, "folder for the embedded database and result files"),
+    Setting("results_dir", Path, None, "folder for result files (default: <data dir>/results)"),
+    Setting("workers", int, None, "worker processes (default: performance cores, else usable CPUs)"),
+    Setting("lease_seconds", float, LEASE_SECONDS_DEFAULT, "how long a claim stays valid without renewal"),
+    Setting("heartbeat_seconds", float, HEARTBEAT_SECONDS_DEFAULT, "interval between lease renewals"),
+    Setting("poll_seconds", float, POLL_SECONDS_DEFAULT, "interval between polls for work without notifications"),
+    Setting("cancel_grace_seconds", float, CANCEL_GRACE_SECONDS_DEFAULT,
+            "time a cancelled job gets to stop before its process is terminated"),
+    Setting("shutdown_grace_seconds", float, SHUTDOWN_GRACE_SECONDS_DEFAULT,
+            "time running jobs get to stop on SIGTERM before they are terminated and re-queued"),
+    Setting("progress_interval_seconds", float, PROGRESS_INTERVAL_SECONDS_DEFAULT,
+            "minimum interval between progress writes per job"),
+    Setting("worker_start_timeout_seconds", float, WORKER_START_TIMEOUT_SECONDS_DEFAULT,
+            "time a new worker process gets to become ready"),
+    Setting("max_jobs_per_worker", int, None, "recycle a worker process after this many jobs (default: never)"),
+    Setting("max_params_bytes", int, MAX_PARAMS_BYTES_DEFAULT, "maximum size of a job's parameters as JSON"),
+    Setting("statement_timeout_ms", int, STATEMENT_TIMEOUT_MS_DEFAULT, "Postgres statement_timeout"),
+    Setting("idle_in_transaction_timeout_ms", int, IDLE_IN_TRANSACTION_TIMEOUT_MS_DEFAULT,
+            "Postgres idle_in_transaction_session_timeout"),
+    Setting("retry_base_seconds", float, RETRY_BASE_SECONDS_DEFAULT, "first retry delay; doubles per attempt"),
+    Setting("retry_max_seconds", float, RETRY_MAX_SECONDS_DEFAULT, "upper bound of the retry delay"),
+)
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Effective settings; ``sources`` maps each name to where its value came from."""
+
+    values: dict[str, Any]
+    sources: dict[str, str]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def effective_data_dir(self) -> Path:
+        return Path(self.values["data_dir"] or default_data_dir())
+
+    @property
+    def effective_results_dir(self) -> Path:
+        return Path(self.values["results_dir"] or self.effective_data_dir / "results")
+
+    @property
+    def effective_workers(self) -> int:
+        return self.values["workers"] or default_workers()
+
+    def replace(self, **overrides: Any) -> "Config":
+        """Return a copy with ``overrides`` applied as flags (``None`` means unset)."""
+        values, sources = dict(self.values), dict(self.sources)
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            values[name] = _convert(_BY_NAME[name], value, "flag")
+            sources[name] = "flag"
+        _check(values)
+        return Config(values, sources)
+
+
+def _convert(setting: Setting, raw: Any, source: str) -> Any:
+    if raw is None or raw == "":
+        return None
+    try:
+        if setting.kind is Path:
+            return Path(raw).expanduser()
+        if setting.kind is int and isinstance(raw, float):
+            raise ValueError
+        value = setting.kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"invalid value {raw!r} for {setting.name} (from {source}): expected {setting.kind.__name__}"
+        ) from None
+    if setting.kind in (int, float) and value < 0:
+        raise ConfigError(f"invalid value {raw!r} for {setting.name} (from {source}): must be >= 0")
+    return value
+
+
+def _check(values: dict[str, Any]) -> None:
+    if values["workers"] is not None and values["workers"] < 1:
+        raise ConfigError(f"invalid workers {values['workers']}: must be at least 1")
+    if values["heartbeat_seconds"] * 2 > values["lease_seconds"]:
+        raise ConfigError(
+            f"heartbeat_seconds ({values['heartbeat_seconds']}) must be at most half of lease_seconds "
+            f"({values['lease_seconds']}), so one missed renewal does not lose the lease"
+        )
+    for name in ("lease_seconds", "heartbeat_seconds", "poll_seconds"):
+        if values[name] <= 0:
+            raise ConfigError(f"invalid {name} {values[name]}: must be greater than 0")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def load(environ: dict[str, str] | None = None, config_file: Path | None = None) -> Config:
+    """Read the settings from defaults, the TOML file and the environment."""
+    environ = dict(os.environ if environ is None else environ)
+    values = {setting.name: setting.default for setting in SETTINGS}
+    sources = {setting.name: "default" for setting in SETTINGS}
+
+    path = config_file or (Path(environ["ANALYSIS_CONFIG"]) if environ.get("ANALYSIS_CONFIG") else None)
+    if path is None:
+        data_dir = environ.get(env_name("data_dir"))
+        path = (Path(data_dir) if data_dir else default_data_dir()) / "config.toml"
+        explicit = False
+    else:
+        explicit = True
+    if path.exists() or explicit:
+        for name, raw in _read_toml(path).items():
+            values[name] = _convert(_BY_NAME[name], raw, str(path))
+            sources[name] = str(path)
+
+    for setting in SETTINGS:
+        raw = environ.get(env_name(setting.name))
+        if raw not in (None, ""):
+            values[setting.name] = _convert(setting, raw, env_name(setting.name))
+            sources[setting.name] = env_name(setting.name)
+    _check(values)
+    return Config(values, sources)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} not found; unset ANALYSIS_CONFIG or create it") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {error}") from None
+    unknown = sorted(set(document) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(
+            f"configuration file {path}: unknown setting(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(_BY_NAME))}"
+        )
+    return document

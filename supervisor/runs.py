@@ -1,0 +1,361 @@
+"""Store operations of a supervisor's runs: claim, heartbeat, progress and finish.
+
+A run is one attempt of a job. The claim gives it a fresh attempt token, and
+every later write about it (lease renewal, progress, finish) names that token
+in its WHERE clause together with ``status = 'running'``. Once a run's lease
+expired and the job was recovered, those writes match no row, so a slow or
+partitioned supervisor can never overwrite the job's newer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from supervisor import payloads
+from supervisor.config import RETRY_BASE_SECONDS_DEFAULT, RETRY_MAX_SECONDS_DEFAULT
+from supervisor.store import (
+    CHANGES_CHANNEL,
+    MAX_CLAIM_BATCH,
+    Bind,
+    Job,
+    _json,
+    _notify_change,
+    _transaction,
+    add_event,
+    notify,
+)
+from supervisor.transitions import Status, sources
+
+
+# Supervisors -------------------------------------------------------------
+
+
+def register_supervisor(bind: Bind, supervisor_id: uuid.UUID, *, host: str, pid: int, version: str,
+                        slots: int) -> None:
+    """Insert the row of a starting supervisor; each run of the process has its own id."""
+    with _transaction(bind) as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO supervisors (id, host, pid, version, slots, throttle) "
+                "VALUES (:id, :host, :pid, :version, :slots, '{\"state\": \"running\"}')"
+            ),
+            {"id": supervisor_id, "host": host, "pid": pid, "version": version, "slots": slots},
+        )
+
+
+def stop_supervisor(bind: Bind, supervisor_id: uuid.UUID) -> None:
+    with _transaction(bind) as connection:
+        connection.execute(
+            sa.text("UPDATE supervisors SET stopped_at = now(), heartbeat_at = now() WHERE id = :id"),
+            {"id": supervisor_id},
+        )
+
+
+def list_supervisors(bind: Bind, *, include_stopped: bool = False) -> list[dict[str, Any]]:
+    """Return supervisor rows, newest first, with ``heartbeat_age_seconds`` computed by the server."""
+    with _transaction(bind) as connection:
+        rows = connection.execute(
+            sa.text(
+                "SELECT *, EXTRACT(EPOCH FROM now() - heartbeat_at) AS heartbeat_age_seconds, "
+                "(SELECT count(*) FROM jobs WHERE status = 'running' AND lease_owner = s.id) AS running_jobs "
+                "FROM supervisors s WHERE :all OR stopped_at IS NULL ORDER BY started_at DESC"
+            ),
+            {"all": include_stopped},
+        )
+        return [dict(row._mapping) for row in rows]
+
+
+def heartbeat(
+    bind: Bind,
+    supervisor_id: uuid.UUID,
+    tokens: Iterable[uuid.UUID],
+    *,
+    lease_seconds: float,
+    throttle: dict[str, Any] | None = None,
+) -> set[uuid.UUID]:
+    """Renew the leases of this supervisor's runs and return the tokens it still holds.
+
+    A token missing from the returned set belongs to a run whose lease expired
+    and whose job was recovered elsewhere: the caller must stop that run.
+    """
+    tokens = list(tokens)
+    with _transaction(bind) as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE supervisors SET heartbeat_at = now(), "
+                "throttle = COALESCE(CAST(:throttle AS jsonb), throttle) WHERE id = :id"
+            ),
+            {"id": supervisor_id, "throttle": _json(throttle) if throttle is not None else None},
+        )
+        if not tokens:
+            return set()
+        rows = connection.execute(
+            sa.text(
+                "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease) "
+                "WHERE status = 'running' AND lease_owner = :owner AND attempt_token = ANY(:tokens) "
+                "RETURNING attempt_token"
+            ),
+            {"lease": lease_seconds, "owner": supervisor_id, "tokens": tokens},
+        )
+        return {row.attempt_token for row in rows}
+
+
+# Claim -------------------------------------------------------------------
+
+# Ordering: higher priority first, then submission order.
+# NOTE: this is plain priority-then-FIFO; one user's backlog delays other
+# users' later jobs until it drains.
+_CLAIM = sa.text(
+    """
+    WITH picked AS (
+        SELECT id FROM jobs
+        WHERE status = 'queued' AND run_after <= now() AND cancel_requested_at IS NULL
+          AND (start_by IS NULL OR start_by > now())
+        ORDER BY priority DESC, id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE jobs SET
+            status = 'running', attempt = jobs.attempt + 1, attempt_token = gen_random_uuid(),
+            lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :lease),
+            started_at = now(), updated_at = now(), event_seq = jobs.event_seq + 1,
+            progress_phase = NULL, progress_completed = NULL, progress_total = NULL,
+            progress_message = NULL, progress_rate = NULL, progress_eta_seconds = NULL,
+            progress_updated_at = NULL
+        FROM picked
+        WHERE jobs.id = picked.id AND jobs.status = ANY(:sources)
+        RETURNING jobs.*
+    ), events AS (
+        INSERT INTO job_events (job_id, seq, kind, payload)
+        SELECT id, event_seq, 'claimed',
+               jsonb_build_object('supervisor', lease_owner, 'attempt', attempt, 'token', attempt_token)
+        FROM claimed
+    )
+    SELECT * FROM claimed ORDER BY priority DESC, id
+    """
+)
+
+
+def claim_jobs(bind: Bind, supervisor_id: uuid.UUID, limit: int, *, lease_seconds: float) -> list[Job]:
+    """Claim up to ``limit`` queued jobs for a supervisor and return them as running.
+
+    Rows locked by another claimer are skipped rather than waited for, and a
+    job with a cancel request is never claimed.
+    """
+    if limit <= 0:
+        return []
+    with _transaction(bind) as connection:
+        rows = connection.execute(
+            _CLAIM,
+            {"limit": min(limit, MAX_CLAIM_BATCH), "owner": supervisor_id, "lease": lease_seconds,
+             "sources": sources(Status.RUNNING)},
+        ).all()
+        jobs = [Job.from_row(row) for row in rows]
+        for job in jobs:
+            _notify_change(connection, job.id, Status.RUNNING)
+        return jobs
+
+
+# Progress ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressUpdate:
+    job_id: int
+    attempt_token: uuid.UUID
+    phase: str | None
+    completed: int | None
+    total: int | None
+    message: str | None
+    rate: float | None
+    eta_seconds: float | None
+    # Also append a "progress" event (the supervisor rate-limits these).
+    record_event: bool = False
+
+
+def record_progress(bind: Bind, updates: Sequence[ProgressUpdate]) -> int:
+    """Write progress snapshots of current runs; return how many rows changed."""
+    changed = 0
+    with _transaction(bind) as connection:
+        for update in updates:
+            row = connection.execute(
+                sa.text(
+                    "UPDATE jobs SET progress_phase = :phase, progress_completed = :completed, "
+                    "progress_total = :total, progress_message = :message, progress_rate = :rate, "
+                    "progress_eta_seconds = :eta, progress_updated_at = now() "
+                    "WHERE id = :id AND attempt_token = :token AND status = 'running' RETURNING attempt"
+                ),
+                {"id": update.job_id, "token": update.attempt_token, "phase": update.phase,
+                 "completed": update.completed, "total": update.total, "message": update.message,
+                 "rate": update.rate, "eta": update.eta_seconds},
+            ).first()
+            if row is None:
+                continue
+            changed += 1
+            if update.record_event:
+                add_event(connection, update.job_id, "progress",
+                          {"attempt": row.attempt, "phase": update.phase, "completed": update.completed,
+                           "total": update.total})
+            notify(connection, CHANGES_CHANNEL, "progress", update.job_id)
+    return changed
+
+
+# Finish ------------------------------------------------------------------
+
+
+def retry_delay_seconds(attempt: int, *, base: float = RETRY_BASE_SECONDS_DEFAULT,
+                        maximum: float = RETRY_MAX_SECONDS_DEFAULT, rng: random.Random | None = None) -> float:
+    """Return the backoff before retry number ``attempt``: exponential, capped, with jitter.
+
+    The jitter draws from [delay/2, delay], so jobs that failed together do
+    not all come back in the same instant.
+    """
+    delay = min(maximum, base * 2 ** max(0, attempt - 1))
+    return delay * (0.5 + 0.5 * (rng or random).random())
+
+
+def _clear_run() -> str:
+    return "lease_owner = NULL, lease_expires_at = NULL, attempt_token = NULL, updated_at = now()"
+
+
+def succeed_run(bind: Bind, job_id: int, attempt_token: uuid.UUID, summary: Any,
+                results: Sequence[dict[str, Any]] = (), *, results_ttl_seconds: float | None = None) -> bool:
+    """Mark a run succeeded with its summary and result index entries.
+
+    Returns False, writing nothing, when the run is no longer current.
+    Non-finite numbers in the summary are stored as described in
+    ``supervisor.payloads``.
+    """
+    document = payloads.summary_document(summary)
+    with _transaction(bind) as connection:
+        row = connection.execute(
+            sa.text(
+                "UPDATE jobs SET status = 'succeeded', finished_at = now(), result = CAST(:result AS jsonb), "
+                "error = NULL, progress_completed = COALESCE(progress_total, progress_completed), "
+                "progress_eta_seconds = CASE WHEN progress_phase IS NULL THEN NULL ELSE 0 END, "
+                "results_expire_at = now() + make_interval(secs => CAST(:ttl AS double precision)), "
+                f"{_clear_run()} "
+                "WHERE id = :id AND attempt_token = :token AND status = ANY(:sources) RETURNING attempt"
+            ),
+            {"id": job_id, "token": attempt_token, "result": _json(document), "ttl": results_ttl_seconds,
+             "sources": sources(Status.SUCCEEDED)},
+        ).first()
+        if row is None:
+            return False
+        for entry in results:
+            _insert_result(connection, job_id, entry)
+        add_event(connection, job_id, "succeeded", {"attempt": row.attempt, "results": len(results)})
+        _notify_change(connection, job_id, Status.SUCCEEDED)
+        return True
+
+
+def _insert_result(connection: sa.Connection, job_id: int, entry: dict[str, Any]) -> None:
+    value = entry.get("value")
+    if entry["kind"] == "inline":
+        value = payloads.summary_document(value)
+    connection.execute(
+        sa.text(
+            "INSERT INTO job_results (job_id, name, kind, value, path, size_bytes, sha256, format) "
+            "VALUES (:job_id, :name, :kind, CAST(:value AS jsonb), :path, :size, :sha256, :format)"
+        ),
+        {"job_id": job_id, "name": entry["name"], "kind": entry["kind"],
+         "value": _json(value) if entry["kind"] == "inline" else None, "path": entry.get("path"),
+         "size": entry.get("size_bytes"), "sha256": entry.get("sha256"), "format": entry.get("format")},
+    )
+
+
+def fail_run(bind: Bind, job_id: int, attempt_token: uuid.UUID, error: dict[str, Any], *,
+             retryable: bool, retry_delay: float = 0.0) -> str | None:
+    """Record a failed run; return the job's new status, or None if the run is no longer current.
+
+    A retryable failure with attempts left sends the job back to the queue,
+    not before ``retry_delay`` seconds. A job with a cancel request ends
+    ``cancelled`` instead of being retried.
+    """
+    with _transaction(bind) as connection:
+        row = connection.execute(
+            sa.text(
+                "UPDATE jobs SET "
+                "status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' "
+                "  WHEN :retry AND attempt < max_attempts THEN 'queued' ELSE 'failed' END, "
+                "finished_at = CASE WHEN cancel_requested_at IS NULL AND :retry AND attempt < max_attempts "
+                "  THEN NULL ELSE now() END, "
+                "run_after = now() + make_interval(secs => :delay), "
+                "error = CAST(:error AS jsonb) || jsonb_build_object('attempt', attempt, 'at', now()), "
+                f"{_clear_run()} "
+                "WHERE id = :id AND attempt_token = :token AND status = 'running' "
+                "RETURNING status, attempt, max_attempts, error"
+            ),
+            {"id": job_id, "token": attempt_token, "retry": retryable, "delay": retry_delay,
+             "error": _json(error)},
+        ).first()
+        if row is None:
+            return None
+        kind = {"queued": "retried", "failed": "failed", "cancelled": "cancelled"}[row.status]
+        add_event(connection, job_id, kind, {"attempt": row.attempt, "error": row.error,
+                                             "retry_in_seconds": retry_delay if row.status == "queued" else None})
+        if row.status == Status.QUEUED:
+            notify(connection, "analysis_jobs_work", "queued", job_id)
+        _notify_change(connection, job_id, row.status)
+        return row.status
+
+
+def cancel_run(bind: Bind, job_id: int, attempt_token: uuid.UUID, *, stage: str,
+               details: dict[str, Any] | None = None) -> bool:
+    """Mark a run cancelled once its process has stopped; ``stage`` says how it stopped.
+
+    ``stage`` is "cooperative" (the analysis stopped at a cancel check),
+    "terminate" (SIGTERM after the grace period) or "kill" (SIGKILL).
+    """
+    error = {"code": "cancelled", "message": f"cancelled ({stage} stop)", "details": {"stage": stage,
+                                                                                     **(details or {})}}
+    with _transaction(bind) as connection:
+        row = connection.execute(
+            sa.text(
+                "UPDATE jobs SET status = 'cancelled', finished_at = now(), "
+                "error = CAST(:error AS jsonb) || jsonb_build_object('attempt', attempt, 'at', now()), "
+                f"{_clear_run()} "
+                "WHERE id = :id AND attempt_token = :token AND status = ANY(:sources) RETURNING attempt"
+            ),
+            {"id": job_id, "token": attempt_token, "error": _json(error), "sources": sources(Status.CANCELLED)},
+        ).first()
+        if row is None:
+            return False
+        add_event(connection, job_id, "cancelled", {"attempt": row.attempt, "stage": stage, **(details or {})})
+        _notify_change(connection, job_id, Status.CANCELLED)
+        return True
+
+
+def requeue_run(bind: Bind, job_id: int, attempt_token: uuid.UUID, *, reason: str) -> str | None:
+    """Put a run back in the queue without spending its attempt, as a shutdown does.
+
+    A job with a cancel request ends ``cancelled`` instead. Returns the new
+    status, or None if the run is no longer current.
+    """
+    with _transaction(bind) as connection:
+        row = connection.execute(
+            sa.text(
+                "UPDATE jobs SET "
+                "status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'queued' END, "
+                "attempt = CASE WHEN cancel_requested_at IS NOT NULL THEN attempt ELSE attempt - 1 END, "
+                "finished_at = CASE WHEN cancel_requested_at IS NOT NULL THEN now() END, "
+                "run_after = now(), "
+                f"{_clear_run()} "
+                "WHERE id = :id AND attempt_token = :token AND status = 'running' RETURNING status, attempt"
+            ),
+            {"id": job_id, "token": attempt_token},
+        ).first()
+        if row is None:
+            return None
+        add_event(connection, job_id, "requeued" if row.status == Status.QUEUED else "cancelled",
+                  {"reason": reason, "attempt": row.attempt})
+        if row.status == Status.QUEUED:
+            notify(connection, "analysis_jobs_work", "queued", job_id)
+        _notify_change(connection, job_id, row.status)
+        return row.status

@@ -1,0 +1,400 @@
+"""The job store: every read and write of jobs, events, results and supervisors.
+
+Each state change is one conditional statement whose WHERE clause checks the
+current status against ``supervisor.transitions``, so two actors racing (a
+cancel and a completion, two supervisors claiming) can never both win.
+Writes about a run also name its attempt token: after a lease expired and the
+job was recovered, a late write from the old run matches no row.
+
+Functions take an ``Engine`` (they run in a transaction of their own) or a
+``Connection`` (they run in the caller's transaction, and the caller commits).
+Events and notifications are written in the same transaction as the change,
+so a listener never hears of a change that was rolled back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+
+from analyses import registry
+from analyses.errors import InvalidParams
+from supervisor import payloads
+from supervisor.config import MAX_PARAMS_BYTES_DEFAULT
+from supervisor.errors import InvalidRequest, JobNotFound
+from supervisor.transitions import Status
+
+logger = logging.getLogger(__name__)
+
+# Supervisors LISTEN here for new work and cancel requests.
+WORK_CHANNEL = "analysis_jobs_work"
+# Clients LISTEN here to follow jobs: every status change and progress write.
+CHANGES_CHANNEL = "analysis_jobs_changes"
+
+MAX_KEY_LENGTH = 200
+MAX_USER_LENGTH = 100
+# Claims never block on each other, so a supervisor takes at most this many
+# jobs per statement; more free slots just mean another round.
+MAX_CLAIM_BATCH = 500
+# Rows handled per statement by the sweeps, so no sweep holds many row locks.
+SWEEP_BATCH = 500
+
+Bind = sa.Engine | sa.Connection
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A row of the jobs table; field names are the column names."""
+
+    id: int
+    analysis: str
+    params: dict[str, Any]
+    job_key: str | None
+    status: str
+    priority: int
+    submitted_by: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    attempt: int
+    max_attempts: int
+    run_after: dt.datetime
+    start_by: dt.datetime | None
+    timeout_seconds: float | None
+    lease_owner: uuid.UUID | None
+    lease_expires_at: dt.datetime | None
+    attempt_token: uuid.UUID | None
+    cancel_requested_at: dt.datetime | None
+    cancel_requested_by: str | None
+    progress_phase: str | None
+    progress_completed: int | None
+    progress_total: int | None
+    progress_message: str | None
+    progress_rate: float | None
+    progress_eta_seconds: float | None
+    progress_updated_at: dt.datetime | None
+    error: dict[str, Any] | None
+    result: Any
+    results_expire_at: dt.datetime | None
+    event_seq: int
+
+    @classmethod
+    def from_row(cls, row: sa.Row) -> "Job":
+        mapping = row._mapping
+        return cls(**{field.name: mapping[field.name] for field in dataclasses.fields(cls)})
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status not in (Status.QUEUED, Status.RUNNING)
+
+
+@dataclasses.dataclass(frozen=True)
+class SubmitResult:
+    job: Job
+    # True when a queued or running job with the same key was returned.
+    deduplicated: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CancelResult:
+    job: Job
+    # "cancelled": it was queued and is now cancelled; "requested": it is
+    # running and will stop; "finished": it had already ended.
+    outcome: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    job_id: int
+    seq: int
+    kind: str
+    payload: dict[str, Any]
+    created_at: dt.datetime
+
+
+@contextlib.contextmanager
+def _transaction(bind: Bind) -> Iterator[sa.Connection]:
+    if isinstance(bind, sa.Connection):
+        yield bind
+    else:
+        with bind.begin() as connection:
+            yield connection
+
+
+def _json(document: Any) -> str:
+    return json.dumps(document, separators=(",", ":"), allow_nan=False, default=str)
+
+
+def add_event(connection: sa.Connection, job_id: int, kind: str, payload: dict[str, Any] | None = None) -> int:
+    """Append an event to a job's history and return its sequence number.
+
+    Call inside the transaction that changed the job: the job's row is then
+    locked, so sequence numbers stay gap-free and in order.
+    """
+    seq = connection.execute(
+        sa.text(
+            "WITH next AS (UPDATE jobs SET event_seq = event_seq + 1 WHERE id = :id RETURNING event_seq) "
+            "INSERT INTO job_events (job_id, seq, kind, payload) "
+            "SELECT :id, event_seq, :kind, CAST(:payload AS jsonb) FROM next RETURNING seq"
+        ),
+        {"id": job_id, "kind": kind, "payload": _json(payload or {})},
+    ).scalar_one()
+    return seq
+
+
+def notify(connection: sa.Connection, channel: str, kind: str, job_id: int, **extra: Any) -> None:
+    """Send a NOTIFY that is delivered when the transaction commits.
+
+    Payloads carry ids and kinds only: Postgres caps a payload at 8000 bytes,
+    so parameters or rows must never travel this way.
+    """
+    payload = _json({"kind": kind, "job": job_id, **extra})
+    connection.execute(sa.text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload})
+
+
+def _notify_change(connection: sa.Connection, job_id: int, status: str) -> None:
+    notify(connection, CHANGES_CHANNEL, "status", job_id, status=status)
+
+
+# Submit ------------------------------------------------------------------
+
+
+def _validate_submission(
+    analysis_name: str, params: Any, user: str, key: str | None, priority: int,
+    max_attempts: int | None, max_params_bytes: int,
+) -> tuple[registry.Analysis, str, str | None, int]:
+    try:
+        analysis = registry.get(analysis_name)
+    except InvalidParams as error:
+        raise InvalidRequest(error.message, field="analysis") from None
+    try:
+        validated = analysis.validate_params(params)
+    except InvalidParams as error:
+        raise InvalidRequest(error.message, field=error.field) from None
+    try:
+        params_json = payloads.canonical(validated)
+    except payloads.PayloadError as error:
+        raise InvalidRequest(f"invalid parameters at {error.path}: {error.reason}", field="params") from None
+    size = len(params_json.encode())
+    if size > max_params_bytes:
+        raise InvalidRequest(
+            f"parameters are {size} bytes as JSON, over the limit of {max_params_bytes} bytes; "
+            "pass large inputs by reference (a file path or a table) instead",
+            field="params",
+        )
+    for field, value, limit in (("user", user, MAX_USER_LENGTH), ("key", key, MAX_KEY_LENGTH)):
+        if value is None and field == "key":
+            continue
+        if not isinstance(value, str) or not value.strip() or len(value) > limit or not value.isprintable():
+            raise InvalidRequest(
+                f"invalid {field} {value!r}: must be 1 to {limit} printable characters", field=field
+            )
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -1000 <= priority <= 1000:
+        raise InvalidRequest(f"invalid priority {priority!r}: must be an integer from -1000 to 1000",
+                             field="priority")
+    attempts = analysis.max_attempts if max_attempts is None else max_attempts
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 100:
+        raise InvalidRequest(f"invalid max_attempts {attempts!r}: must be an integer from 1 to 100",
+                             field="max_attempts")
+    if key is None and analysis.deduplicate:
+        key = payloads.job_key(analysis.name, params_json)
+    return analysis, params_json, key, attempts
+
+
+def submit(
+    bind: Bind,
+    analysis_name: str,
+    params: dict[str, Any] | None = None,
+    *,
+    user: str,
+    key: str | None = None,
+    priority: int = 0,
+    max_attempts: int | None = None,
+    start_by: dt.datetime | None = None,
+    timeout_seconds: float | None = None,
+    max_params_bytes: int = MAX_PARAMS_BYTES_DEFAULT,
+) -> SubmitResult:
+    """Create a job, or return the queued or running job that has the same key.
+
+    Raises ``InvalidRequest`` naming the field, before anything is written,
+    when the analysis is unknown or an argument is invalid. The unique partial
+    index ``uq_jobs_active_key`` makes deduplication hold under concurrent
+    submits: an insert that meets an uncommitted job with the same key waits
+    for that transaction, then either returns the committed job or, if it
+    rolled back, inserts its own.
+    """
+    analysis, params_json, key, attempts = _validate_submission(
+        analysis_name, params if params is not None else {}, user, key, priority, max_attempts, max_params_bytes
+    )
+    timeout = timeout_seconds if timeout_seconds is not None else analysis.timeout_seconds
+    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= 7 * 24 * 3600):
+        raise InvalidRequest(f"invalid timeout_seconds {timeout!r}: must be between 0 and 604800",
+                             field="timeout_seconds")
+
+    if start_by is not None and (not isinstance(start_by, dt.datetime) or start_by.tzinfo is None):
+        raise InvalidRequest(f"invalid start_by {start_by!r}: must be a timezone-aware datetime",
+                             field="start_by")
+
+    with _transaction(bind) as connection:
+        # A job with the key can finish between the failed insert and the
+        # lookup; then the next insert succeeds, so this loop ends quickly.
+        for _ in range(10):
+            row = connection.execute(
+                sa.text(
+                    "INSERT INTO jobs (analysis, params, job_key, priority, submitted_by, max_attempts, "
+                    "start_by, timeout_seconds) "
+                    "VALUES (:analysis, CAST(:params AS jsonb), :key, :priority, :user, :attempts, "
+                    ":start_by, :timeout) "
+                    "ON CONFLICT (job_key) WHERE job_key IS NOT NULL AND status IN ('queued', 'running') "
+                    "DO NOTHING RETURNING id"
+                ),
+                {"analysis": analysis.name, "params": params_json, "key": key, "priority": priority,
+                 "user": user, "attempts": attempts, "start_by": start_by, "timeout": timeout},
+            ).first()
+            if row is not None:
+                add_event(connection, row.id, "submitted", {"user": user, "key": key, "priority": priority})
+                notify(connection, WORK_CHANNEL, "queued", row.id)
+                _notify_change(connection, row.id, Status.QUEUED)
+                return SubmitResult(_get(connection, row.id), deduplicated=False)
+            existing = connection.execute(
+                sa.text("SELECT * FROM jobs WHERE job_key = :key AND status IN ('queued', 'running')"),
+                {"key": key},
+            ).first()
+            if existing is not None:
+                return SubmitResult(Job.from_row(existing), deduplicated=True)
+    raise RuntimeError(f"could not insert or find a job with key {key!r} after 10 tries")
+
+
+# Reads -------------------------------------------------------------------
+
+
+def _get(connection: sa.Connection, job_id: int) -> Job:
+    row = connection.execute(sa.text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).first()
+    if row is None:
+        raise JobNotFound(job_id)
+    return Job.from_row(row)
+
+
+def get_job(bind: Bind, job_id: int) -> Job:
+    """Return the job with ``job_id``, or raise ``JobNotFound``."""
+    with _transaction(bind) as connection:
+        return _get(connection, job_id)
+
+
+def list_jobs(
+    bind: Bind,
+    *,
+    status: str | None = None,
+    analysis: str | None = None,
+    user: str | None = None,
+    limit: int = 50,
+    before_id: int | None = None,
+) -> list[Job]:
+    """Return jobs newest first, filtered by status, analysis and submitting user."""
+    if status is not None and status not in {str(s) for s in Status}:
+        raise InvalidRequest(f"invalid status {status!r}: must be one of {', '.join(Status)}", field="status")
+    if not 1 <= limit <= 10_000:
+        raise InvalidRequest(f"invalid limit {limit}: must be from 1 to 10000", field="limit")
+    query = sa.text(
+        "SELECT * FROM jobs WHERE (CAST(:status AS text) IS NULL OR status = :status) "
+        "AND (CAST(:analysis AS text) IS NULL OR analysis = :analysis) "
+        "AND (CAST(:user AS text) IS NULL OR submitted_by = :user) "
+        "AND (CAST(:before AS bigint) IS NULL OR id < :before) "
+        "ORDER BY id DESC LIMIT :limit"
+    )
+    with _transaction(bind) as connection:
+        rows = connection.execute(
+            query, {"status": status, "analysis": analysis, "user": user, "before": before_id, "limit": limit}
+        )
+        return [Job.from_row(row) for row in rows]
+
+
+def list_events(bind: Bind, job_id: int, after_seq: int = 0) -> list[Event]:
+    """Return a job's events in order, those after ``after_seq`` only."""
+    with _transaction(bind) as connection:
+        _get(connection, job_id)
+        rows = connection.execute(
+            sa.text("SELECT * FROM job_events WHERE job_id = :id AND seq > :after ORDER BY seq"),
+            {"id": job_id, "after": after_seq},
+        )
+        return [Event(row.job_id, row.seq, row.kind, row.payload, row.created_at) for row in rows]
+
+
+def list_results(bind: Bind, job_id: int) -> list[dict[str, Any]]:
+    """Return a job's result index entries in name order."""
+    with _transaction(bind) as connection:
+        _get(connection, job_id)
+        rows = connection.execute(
+            sa.text(
+                "SELECT name, kind, value, path, size_bytes, sha256, format, created_at "
+                "FROM job_results WHERE job_id = :id ORDER BY name"
+            ),
+            {"id": job_id},
+        )
+        return [dict(row._mapping) for row in rows]
+
+
+# Cancel ------------------------------------------------------------------
+
+
+def request_cancel(bind: Bind, job_id: int, *, by: str) -> CancelResult:
+    """Cancel a queued job at once, or record a cancel request on a running one.
+
+    A running job ends as ``cancelled`` only when its process has stopped;
+    until then its status stays ``running``. A finished job is left as it is.
+    """
+    with _transaction(bind) as connection:
+        row = connection.execute(
+            sa.text(
+                "UPDATE jobs SET status = 'cancelled', cancel_requested_at = now(), "
+                "cancel_requested_by = :by, finished_at = now(), updated_at = now(), "
+                "error = jsonb_build_object('code', 'cancelled', 'message', 'cancelled while queued', "
+                "'details', jsonb_build_object('stage', 'queued')) "
+                "WHERE id = :id AND status = ANY(:sources) RETURNING id"
+            ),
+            {"id": job_id, "by": by, "sources": [Status.QUEUED]},
+        ).first()
+        if row is not None:
+            add_event(connection, job_id, "cancelled", {"by": by, "stage": "queued"})
+            _notify_change(connection, job_id, Status.CANCELLED)
+            return CancelResult(_get(connection, job_id), "cancelled")
+
+        row = connection.execute(
+            sa.text(
+                "UPDATE jobs SET cancel_requested_at = now(), cancel_requested_by = :by, updated_at = now() "
+                "WHERE id = :id AND status = 'running' AND cancel_requested_at IS NULL RETURNING lease_owner"
+            ),
+            {"id": job_id, "by": by},
+        ).first()
+        if row is not None:
+            add_event(connection, job_id, "cancel_requested", {"by": by})
+            notify(connection, WORK_CHANNEL, "cancel", job_id, supervisor=str(row.lease_owner))
+            _notify_change(connection, job_id, Status.RUNNING)
+            return CancelResult(_get(connection, job_id), "requested")
+
+        job = _get(connection, job_id)
+        if job.status == Status.RUNNING:
+            return CancelResult(job, "requested")
+        return CancelResult(job, "finished")
+
+
+def cancel_requests(bind: Bind, supervisor_id: uuid.UUID) -> list[tuple[int, uuid.UUID]]:
+    """Return (job id, attempt token) of this supervisor's running jobs that were asked to stop."""
+    with _transaction(bind) as connection:
+        rows = connection.execute(
+            sa.text(
+                "SELECT id, attempt_token FROM jobs WHERE status = 'running' AND lease_owner = :owner "
+                "AND cancel_requested_at IS NOT NULL"
+            ),
+            {"owner": supervisor_id},
+        )
+        return [(row.id, row.attempt_token) for row in rows]
