@@ -43,6 +43,10 @@ def run_noop(params: dict[str, Any], context) -> Any:
         child = subprocess.Popen(params["spawn_child"], shell=True, start_new_session=True)
         context.register_process_group(child.pid)
 
+    if params["ignore_sigterm"]:
+        # Like a body stuck where SIGTERM has no effect: only SIGKILL ends it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     ballast = None
     if params.get("alloc_mib"):
         # Touch every page so the memory is really resident, not just reserved.
@@ -75,9 +79,12 @@ def run_noop(params: dict[str, Any], context) -> Any:
     del ballast
     if run_log:
         _append_run_log(run_log, context, "end")
-    if "result" in params:
-        return params["result"]
-    return {"steps": steps}
+    summary = params["result"] if "result" in params else {"steps": steps}
+    if params.get("non_finite_result"):
+        # JSON parameters cannot carry NaN or Infinity, so this flag is how a
+        # test makes a body return them.
+        summary = {**summary, "non_finite": [float("nan"), float("inf"), float("-inf")]}
+    return summary
 
 
 NOOP = registry.register(
@@ -94,6 +101,9 @@ NOOP = registry.register(
             registry.Param("fail_kind", "string", "kind of injected failure", default="final",
                            choices=("retryable", "final")),
             registry.Param("ignore_cancel", "boolean", "never check for cancel", default=False),
+            registry.Param("ignore_sigterm", "boolean",
+                           "ignore SIGTERM until the worker starts its next job, so only SIGKILL stops it",
+                           default=False),
             registry.Param("spawn_child", "string", "shell command started in its own process group",
                            max_length=1000),
             registry.Param("exit_code", "integer", "leave with os._exit(exit_code) at step exit_at",
@@ -104,6 +114,8 @@ NOOP = registry.register(
             registry.Param("alloc_mib", "integer", "hold this much memory while running, in MiB",
                            minimum=0, maximum=65536),
             registry.Param("result", "json", "summary returned as given"),
+            registry.Param("non_finite_result", "boolean",
+                           "add NaN, Infinity and -Infinity to the summary (test hook)", default=False),
             registry.Param("run_log", "string", "file that gets a line at each start and end of the body",
                            max_length=4096),
         ),
