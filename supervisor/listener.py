@@ -46,6 +46,8 @@ class Listener:
         self.wakeup.setblocking(False)
         self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
         self._connection: psycopg.Connection | None = None
+        # pid of the server process behind the listening connection.
+        self.backend_pid: int | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -79,6 +81,7 @@ class Listener:
                 with psycopg.connect(self._url, autocommit=True, application_name="analysis-jobs-listener",
                                      connect_timeout=10) as connection:
                     self._connection = connection
+                    self.backend_pid = connection.info.backend_pid
                     for channel in self._channels:
                         connection.execute(f"LISTEN {channel}")
                     if not first:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -32,6 +34,7 @@ RESUME_CPU_PERCENT_DEFAULT = 65.0
 # task waited for memory.
 PAUSE_MEMORY_PSI_DEFAULT = 20.0
 RESUME_MEMORY_PSI_DEFAULT = 5.0
+MIN_SAMPLE_SECONDS = 1.0
 # Used where neither PSI nor a macOS pressure level is available.
 PAUSE_AVAILABLE_RATIO_DEFAULT = 0.05
 RESUME_AVAILABLE_RATIO_DEFAULT = 0.10
@@ -58,10 +61,12 @@ class Reader:
         self._worker_pids = worker_pids
         self._processes: dict[int, psutil.Process] = {}
         psutil.cpu_percent(interval=None)
+        self._sampled_at = time.monotonic()
         self._psi = Path("/proc/pressure/memory")
 
     def _own_cpu_percent(self) -> float:
-        pids = set(self._worker_pids())
+        # The supervisor itself counts as the service's own load too.
+        pids = {os.getpid(), *self._worker_pids()}
         for pid in list(self._processes):
             if pid not in pids:
                 del self._processes[pid]
@@ -102,7 +107,15 @@ class Reader:
             "warning" if ratio <= RESUME_AVAILABLE_RATIO_DEFAULT else "normal")
         return level, {"source": "available_ratio", "available_ratio": round(ratio, 4)}
 
-    def read(self) -> Readings:
+    def read(self) -> Readings | None:
+        """Return new readings, or None while the sampling window is shorter than a second.
+
+        A CPU percentage over a few milliseconds is mostly noise: the
+        supervisor starting its workers reads as 100 %.
+        """
+        if time.monotonic() - self._sampled_at < MIN_SAMPLE_SECONDS:
+            return None
+        self._sampled_at = time.monotonic()
         system = psutil.cpu_percent(interval=None)
         other = max(0.0, system - self._own_cpu_percent())
         level, detail = self._memory()
@@ -129,6 +142,8 @@ class Throttle:
     def update(self) -> bool:
         """Take a reading and return whether the state changed."""
         readings = self._reader.read()
+        if readings is None:
+            return False
         self.readings = readings
         previous = self.reason
         if self.reason is None:

@@ -313,7 +313,10 @@ def run_task(task: dict[str, Any], writer: SlotWriter, parent_death: ParentDeath
     try:
         analysis = registry.get(task["analysis"])
         context = JobContext(task, writer, slot, on_process_group=lambda: parent_death.set(False))
-        summary = analysis.body(task["params"], context)
+        # Validate again: it fills in defaults of parameters added since the
+        # job was submitted, and rejects rows edited by hand.
+        params = analysis.validate_params(task["params"])
+        summary = analysis.body(params, context)
         outcome = _succeeded(job_id, token, summary, context.results)
     except Cancelled:
         outcome = _base(job_id, token, "cancelled", context)
