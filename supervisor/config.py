@@ -107,6 +107,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("statement_timeout_ms", int, STATEMENT_TIMEOUT_MS_DEFAULT, "Postgres statement_timeout"),
     Setting("idle_in_transaction_timeout_ms", int, IDLE_IN_TRANSACTION_TIMEOUT_MS_DEFAULT,
             "Postgres idle_in_transaction_session_timeout"),
+    Setting("throttle_pause_cpu_percent", float, 85.0,
+            "pause claims while other programs use more CPU than this, in percent of all CPUs "
+            "(over 100 disables the CPU throttle)"),
+    Setting("throttle_resume_cpu_percent", float, 65.0,
+            "resume claims once other programs use less CPU than this, in percent"),
     Setting("retry_base_seconds", float, RETRY_BASE_SECONDS_DEFAULT, "first retry delay; doubles per attempt"),
     Setting("retry_max_seconds", float, RETRY_MAX_SECONDS_DEFAULT, "upper bound of the retry delay"),
 )
@@ -175,6 +180,11 @@ def _check(values: dict[str, Any]) -> None:
         raise ConfigError(
             f"heartbeat_seconds ({values['heartbeat_seconds']}) must be at most half of lease_seconds "
             f"({values['lease_seconds']}), so one missed renewal does not lose the lease"
+        )
+    if values["throttle_resume_cpu_percent"] > values["throttle_pause_cpu_percent"]:
+        raise ConfigError(
+            f"throttle_resume_cpu_percent ({values['throttle_resume_cpu_percent']}) must not exceed "
+            f"throttle_pause_cpu_percent ({values['throttle_pause_cpu_percent']}), or claims would flap"
         )
     for name in ("lease_seconds", "heartbeat_seconds", "poll_seconds"):
         if values[name] <= 0:

@@ -13,7 +13,6 @@ import logging
 import queue
 import socket
 import threading
-import time
 
 import psycopg
 from sqlalchemy.engine import make_url

@@ -21,12 +21,12 @@ outcomes that could not be written are kept and written later.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
 import signal
 import socket
-import threading
 import time
 import uuid
 from typing import Any
@@ -35,7 +35,7 @@ import sqlalchemy as sa
 
 from analyses import registry
 from supervisor import config as config_module
-from supervisor import db, logs, rates, runs, store, sweeps
+from supervisor import db, logs, payloads, rates, runs, store, sweeps
 from supervisor.errors import ErrorCode, ServiceError
 from supervisor.listener import Listener
 from supervisor.pool import Outcome, Task, WorkerPool
@@ -56,6 +56,13 @@ PROGRESS_EVENT_SECONDS = 10.0
 # How often lease recovery and expiry sweeps run.
 SWEEP_SECONDS = 5.0
 THROTTLE_SECONDS = 2.0
+# Prefetching: while recent runs are shorter than PREFETCH_MAX_RUN_SECONDS,
+# the supervisor claims one extra job per slot, so a worker gets its next job
+# straight from memory instead of waiting for a commit. Longer jobs gain
+# nothing from it and would only hold work another supervisor could start,
+# and a prefetched job not started within PREFETCH_HOLD_SECONDS is handed back.
+PREFETCH_MAX_RUN_SECONDS = 0.5
+PREFETCH_HOLD_SECONDS = 2.0
 DB_RETRY_SECONDS_MAX = 10.0
 
 
@@ -64,8 +71,10 @@ class Run:
     """A job attempt this supervisor is running, with its stop bookkeeping."""
 
     job: store.Job
-    slot: int
-    started: float
+    # None while the run waits in the prefetch queue for a free slot.
+    slot: int | None
+    # time.monotonic() at dispatch; None before.
+    started: float | None
     # Why a stop was requested: "cancel", "timeout" or "shutdown"; None while running normally.
     stop_reason: str | None = None
     stop_deadline: float | None = None
@@ -93,7 +102,12 @@ class Supervisor:
             max_jobs_per_worker=settings.max_jobs_per_worker,
             worker_start_timeout_seconds=settings.worker_start_timeout_seconds,
         )
+        # Every run this supervisor holds a lease on, dispatched or prefetched.
         self.runs: dict[int, Run] = {}
+        # Claimed runs waiting for a slot, oldest first, with their claim time.
+        self.ready: collections.deque[tuple[Run, float]] = collections.deque()
+        # Moving average of recent run durations, None before the first one.
+        self.recent_run_seconds: float | None = None
         self.pending: list[tuple[Run, Outcome]] = []
         self.stopping = False
         self.forced = False
@@ -111,7 +125,8 @@ class Supervisor:
         self.backend_pids: set[int] = set()
         if is_local_database(engine.url):
             sa.event.listen(engine, "checkout", self._remember_backend)
-        self.throttle = Throttle(Reader(self.own_pids))
+        self.throttle = Throttle(Reader(self.own_pids), pause_cpu_percent=settings.throttle_pause_cpu_percent,
+                                 resume_cpu_percent=settings.throttle_resume_cpu_percent)
         self.results_dir = settings.effective_results_dir
         # Passed to analyses that read sensor readings from a table; the
         # resolved URL, so it also points at an embedded server.
@@ -167,8 +182,10 @@ class Supervisor:
     def shutdown(self) -> None:
         """Stop running jobs within the shutdown grace, re-queue them and release everything."""
         deadline = time.monotonic() + self.settings.shutdown_grace_seconds
+        self.release_ready(reason="shutdown", older_than=None)
         for run in self.runs.values():
-            self.ask_to_stop(run, "shutdown", deadline)
+            if run.slot is not None:
+                self.ask_to_stop(run, "shutdown", deadline)
         while self.runs and time.monotonic() < deadline:
             self.handle_outcomes(self.pool.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic()))))
         for run in list(self.runs.values()):
@@ -178,7 +195,7 @@ class Supervisor:
             self.handle_outcomes(self.pool.wait(timeout=0.1))
         for run in list(self.runs.values()):
             self.requeue(run, "shutdown")
-        self.flush_pending()
+        self.write_pending()
         self.pool.close(grace_seconds=1.0)
         if self.listener is not None:
             self.listener.close()
@@ -210,7 +227,6 @@ class Supervisor:
             self.read_notifications()
 
     def tick(self, now: float) -> None:
-        self.flush_pending()
         if now >= self.next_heartbeat:
             self.heartbeat()
             self.next_heartbeat = now + self.settings.heartbeat_seconds
@@ -227,9 +243,8 @@ class Supervisor:
         if self.wake_cancel:
             self.wake_cancel = False
             self.apply_cancel_requests()
-        if self.wake_claim:
-            self.wake_claim = False
-            self.claim()
+        self.release_ready(reason="prefetch_expired", older_than=PREFETCH_HOLD_SECONDS)
+        self.write_and_claim()
         self.write_progress(now)
 
     def next_wake(self, now: float) -> float:
@@ -253,29 +268,56 @@ class Supervisor:
 
     # Claim and dispatch --------------------------------------------------
 
-    def claim(self) -> None:
-        if self.stopping:
-            return
-        if self.throttle.is_throttled:
-            return
-        free = self.pool.free_slots()
-        if not free:
-            return
-        jobs = runs.claim_jobs(self.engine, self.id, len(free), lease_seconds=self.settings.lease_seconds)
-        for slot, job in zip(free, jobs):
-            self.dispatch(slot, job)
-        if len(jobs) == len(free):
-            # Maybe more is queued: claim again as soon as a slot frees up.
-            self.wake_claim = True
+    def claim_limit(self) -> int:
+        """Return how many jobs to claim now: free slots, plus one per slot while jobs are short."""
+        if self.stopping or self.throttle.is_throttled:
+            return 0
+        wanted = len(self.pool.free_slots())
+        if self.recent_run_seconds is not None and self.recent_run_seconds < PREFETCH_MAX_RUN_SECONDS:
+            wanted += self.slots
+        return max(0, wanted - len(self.ready))
 
-    def dispatch(self, slot: int, job: store.Job) -> None:
-        run = Run(job=job, slot=slot, started=time.monotonic())
-        self.runs[job.id] = run
-        task = Task(job_id=job.id, attempt=job.attempt, attempt_token=str(job.attempt_token),
-                    analysis=job.analysis, params=job.params, results_dir=str(self.results_dir),
-                    database_url=self.database_url)
-        self.pool.dispatch(slot, task)
-        logger.info("job claimed", extra=self.log_extra("job_claimed", run))
+    def write_and_claim(self) -> None:
+        """Write pending outcomes and claim new jobs in one transaction, then dispatch.
+
+        One commit serves both: with short jobs the commit's WAL flush is the
+        largest cost of a job's trip through the database.
+        """
+        limit = self.claim_limit() if self.wake_claim else 0
+        if not self.pending and limit == 0:
+            return
+        with self.engine.begin() as connection:
+            self.flush_pending(connection)
+            jobs = runs.claim_jobs(connection, self.id, limit, lease_seconds=self.settings.lease_seconds)
+        self.pending.clear()
+        # A full batch suggests more is queued: claim again on the next pass.
+        self.wake_claim = limit > 0 and len(jobs) == limit
+        claimed_at = time.monotonic()
+        for job in jobs:
+            run = Run(job=job, slot=None, started=None)
+            self.runs[job.id] = run
+            self.ready.append((run, claimed_at))
+            logger.info("job claimed", extra=self.log_extra("job_claimed", run))
+        self.dispatch_ready()
+
+    def dispatch_ready(self) -> None:
+        """Hand prefetched runs to free slots."""
+        for slot in self.pool.free_slots():
+            if not self.ready:
+                return
+            run, _ = self.ready.popleft()
+            run.slot, run.started = slot, time.monotonic()
+            task = Task(job_id=run.job.id, attempt=run.job.attempt, attempt_token=str(run.token),
+                        analysis=run.job.analysis, params=run.job.params, results_dir=str(self.results_dir),
+                        database_url=self.database_url)
+            self.pool.dispatch(slot, task)
+
+    def release_ready(self, *, reason: str, older_than: float | None) -> None:
+        """Give prefetched runs back to the queue, those waiting longer than ``older_than`` seconds."""
+        now = time.monotonic()
+        while self.ready and (older_than is None or now - self.ready[0][1] > older_than):
+            run, _ = self.ready.popleft()
+            self.requeue(run, reason)
 
     # Cancel, timeout and grace periods -----------------------------------
 
@@ -285,6 +327,13 @@ class Supervisor:
         for job_id, token in requested:
             run = self.runs.get(job_id)
             if run is None or run.token != token or run.stop_reason == "cancel":
+                continue
+            if run.slot is None:
+                # Still prefetched: the body never started, so it ends here.
+                self.ready = collections.deque(item for item in self.ready if item[0] is not run)
+                self.runs.pop(job_id)
+                written = runs.cancel_run(self.engine, job_id, token, stage="before_start")
+                self.log_finish(run, "cancelled", written, stage="before_start")
                 continue
             self.ask_to_stop(run, "cancel", now + self.settings.cancel_grace_seconds)
 
@@ -299,6 +348,8 @@ class Supervisor:
 
     def enforce_deadlines(self, now: float) -> None:
         for run in list(self.runs.values()):
+            if run.started is None:
+                continue
             timeout = run.job.timeout_seconds
             if run.stop_reason is None and timeout and now - run.started > timeout:
                 self.ask_to_stop(run, "timeout", now + self.settings.cancel_grace_seconds)
@@ -317,42 +368,63 @@ class Supervisor:
     # Outcomes --------------------------------------------------------------
 
     def handle_outcomes(self, outcomes: list[Outcome]) -> None:
+        """Queue outcomes for writing and refill the freed slots from the prefetch queue at once."""
         for outcome in outcomes:
-            run = self.runs.pop(outcome.job_id, None)
+            run = self.runs.get(outcome.job_id)
             if run is None or str(run.token) != outcome.attempt_token:
                 logger.debug("outcome for unknown run", extra=self.log_extra("stale_outcome", job_id=outcome.job_id))
                 continue
+            del self.runs[outcome.job_id]
             self.pending.append((run, outcome))
+            duration = time.monotonic() - (run.started or time.monotonic())
+            self.recent_run_seconds = duration if self.recent_run_seconds is None else (
+                0.8 * self.recent_run_seconds + 0.2 * duration)
         if outcomes:
             self.wake_claim = True
-            try:
-                self.flush_pending()
-            except sa.exc.OperationalError as error:
-                logger.warning("database unavailable; outcomes kept for later",
-                               extra=self.log_extra("db_unavailable", error=str(error.orig)))
+            self.dispatch_ready()
 
-    def flush_pending(self) -> None:
-        """Write all pending outcomes in one transaction, each in a savepoint of its own.
+    def flush_pending(self, connection: sa.Connection) -> None:
+        """Write all pending outcomes in ``connection``'s transaction, each in a savepoint of its own.
 
         One commit for a batch of outcomes instead of one per job: with short
         jobs the WAL flush of each commit dominates the cost of finishing.
         An outcome the database rejects (a summary it cannot store) fails its
         own job and leaves the others in the batch intact.
         """
-        if not self.pending:
-            return
-        with self.engine.begin() as connection:
-            for run, outcome in self.pending:
-                try:
-                    with connection.begin_nested():
-                        self.record_outcome(connection, run, outcome)
-                except (sa.exc.DataError, sa.exc.IntegrityError, sa.exc.ProgrammingError, ValueError) as error:
-                    logger.error("outcome could not be stored", exc_info=True,
-                                 extra=self.log_extra("outcome_rejected", run))
-                    rejected = {"code": str(ErrorCode.ANALYSIS_ERROR),
-                                "message": f"the result could not be stored: {error}", "details": {}}
-                    runs.fail_run(connection, run.job.id, run.token, rejected, retryable=False)
-        self.pending.clear()
+        successes, others = [], []
+        for run, outcome in self.pending:
+            if outcome.status == "succeeded" and run.stop_reason != "shutdown" and is_storable(outcome.summary):
+                successes.append((run, outcome))
+            else:
+                others.append((run, outcome))
+        if successes:
+            self.record_successes(connection, successes)
+        for run, outcome in others:
+            try:
+                with connection.begin_nested():
+                    self.record_outcome(connection, run, outcome)
+            except (sa.exc.DataError, sa.exc.IntegrityError, sa.exc.ProgrammingError, ValueError) as error:
+                logger.error("outcome could not be stored", exc_info=True,
+                             extra=self.log_extra("outcome_rejected", run))
+                rejected = {"code": str(ErrorCode.ANALYSIS_ERROR),
+                            "message": f"the result could not be stored: {error}", "details": {}}
+                runs.fail_run(connection, run.job.id, run.token, rejected, retryable=False)
+
+    def record_successes(self, connection: sa.Connection, successes: list[tuple[Run, Outcome]]) -> None:
+        batch = [runs.Success(run.job.id, run.token, outcome.summary, list(outcome.results),
+                              registry.get(run.job.analysis).results_ttl_seconds) for run, outcome in successes]
+        written = runs.succeed_runs(connection, batch)
+        for run, _ in successes:
+            self.log_finish(run, "succeeded", run.job.id in written)
+
+    def write_pending(self) -> None:
+        try:
+            with self.engine.begin() as connection:
+                self.flush_pending(connection)
+            self.pending.clear()
+        except sa.exc.OperationalError as error:
+            logger.error("outcomes lost: database unavailable at shutdown",
+                         extra=self.log_extra("db_unavailable", error=str(error.orig), outcomes=len(self.pending)))
 
     def record_outcome(self, bind: sa.Connection, run: Run, outcome: Outcome) -> None:
         analysis = registry.get(run.job.analysis)
@@ -412,6 +484,9 @@ class Supervisor:
                 logger.warning("lease lost; terminating the run",
                                extra=self.log_extra("lease_lost", run))
                 self.runs.pop(run.job.id)
+                if run.slot is None:
+                    self.ready = collections.deque(item for item in self.ready if item[0] is not run)
+                    continue
                 self.pool.terminate(run.job.id, str(run.token), grace_seconds=0.5, outcome_status="failed",
                                     error={"code": str(ErrorCode.LEASE_EXPIRED), "message": "lease lost"})
 
@@ -452,6 +527,15 @@ class Supervisor:
                 run.last_progress_event = now
         if updates:
             runs.record_progress(self.engine, updates)
+
+
+def is_storable(summary: Any) -> bool:
+    """Return whether a summary can be stored as JSON (after replacing non-finite numbers)."""
+    try:
+        payloads.summary_document(summary)
+    except ValueError:
+        return False
+    return True
 
 
 def is_local_database(url: sa.URL) -> bool:

@@ -137,7 +137,9 @@ _CLAIM = sa.text(
                jsonb_build_object('supervisor', lease_owner, 'attempt', attempt, 'token', attempt_token)
         FROM claimed
     )
-    SELECT * FROM claimed ORDER BY priority DESC, id
+    SELECT claimed.*,
+           pg_notify(:channel, json_build_object('kind', 'status', 'job', id, 'status', 'running')::text)
+    FROM claimed ORDER BY priority DESC, id
     """
 )
 
@@ -154,12 +156,9 @@ def claim_jobs(bind: Bind, supervisor_id: uuid.UUID, limit: int, *, lease_second
         rows = connection.execute(
             _CLAIM,
             {"limit": min(limit, MAX_CLAIM_BATCH), "owner": supervisor_id, "lease": lease_seconds,
-             "sources": sources(Status.RUNNING)},
+             "sources": sources(Status.RUNNING), "channel": CHANGES_CHANNEL},
         ).all()
-        jobs = [Job.from_row(row) for row in rows]
-        for job in jobs:
-            _notify_change(connection, job.id, Status.RUNNING)
-        return jobs
+        return [Job.from_row(row) for row in rows]
 
 
 # Progress ----------------------------------------------------------------
@@ -224,35 +223,77 @@ def _clear_run() -> str:
     return "lease_owner = NULL, lease_expires_at = NULL, attempt_token = NULL, updated_at = now()"
 
 
-def succeed_run(bind: Bind, job_id: int, attempt_token: uuid.UUID, summary: Any,
-                results: Sequence[dict[str, Any]] = (), *, results_ttl_seconds: float | None = None) -> bool:
-    """Mark a run succeeded with its summary and result index entries.
+@dataclasses.dataclass(frozen=True)
+class Success:
+    """A finished run's outcome for ``succeed_runs``."""
 
-    Returns False, writing nothing, when the run is no longer current.
-    Non-finite numbers in the summary are stored as described in
+    job_id: int
+    attempt_token: uuid.UUID
+    summary: Any
+    results: Sequence[dict[str, Any]] = ()
+    results_ttl_seconds: float | None = None
+
+
+_SUCCEED = sa.text(
+    """
+    WITH input AS (
+        SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS uuid[]), CAST(:documents AS jsonb[]),
+                             CAST(:ttls AS double precision[]), CAST(:counts AS integer[]))
+                      AS t(id, token, document, ttl, results)
+    ), done AS (
+        UPDATE jobs SET
+            status = 'succeeded', finished_at = now(), result = input.document, error = NULL,
+            progress_completed = COALESCE(jobs.progress_total, jobs.progress_completed),
+            progress_eta_seconds = CASE WHEN jobs.progress_phase IS NULL THEN NULL ELSE 0 END,
+            results_expire_at = now() + make_interval(secs => input.ttl),
+            lease_owner = NULL, lease_expires_at = NULL, attempt_token = NULL, updated_at = now(),
+            event_seq = jobs.event_seq + 1
+        FROM input
+        WHERE jobs.id = input.id AND jobs.attempt_token = input.token AND jobs.status = ANY(:sources)
+        RETURNING jobs.id, jobs.event_seq, jobs.attempt, input.results
+    ), events AS (
+        INSERT INTO job_events (job_id, seq, kind, payload)
+        SELECT id, event_seq, 'succeeded', jsonb_build_object('attempt', attempt, 'results', results) FROM done
+    )
+    SELECT id, pg_notify(:channel, json_build_object('kind', 'status', 'job', id, 'status', 'succeeded')::text)
+    FROM done
+    """
+)
+
+
+def succeed_runs(bind: Bind, successes: Sequence[Success]) -> set[int]:
+    """Mark runs succeeded with their summaries and result entries, in one statement.
+
+    Returns the ids of the jobs written; a run that is no longer current is
+    skipped. Raises ``payloads.PayloadError`` before writing anything when a
+    summary cannot be stored; non-finite numbers are stored as described in
     ``supervisor.payloads``.
     """
-    document = payloads.summary_document(summary)
+    if not successes:
+        return set()
+    documents = [_json(payloads.summary_document(success.summary)) for success in successes]
     with _transaction(bind) as connection:
-        row = connection.execute(
-            sa.text(
-                "UPDATE jobs SET status = 'succeeded', finished_at = now(), result = CAST(:result AS jsonb), "
-                "error = NULL, progress_completed = COALESCE(progress_total, progress_completed), "
-                "progress_eta_seconds = CASE WHEN progress_phase IS NULL THEN NULL ELSE 0 END, "
-                "results_expire_at = now() + make_interval(secs => CAST(:ttl AS double precision)), "
-                f"{_clear_run()} "
-                "WHERE id = :id AND attempt_token = :token AND status = ANY(:sources) RETURNING attempt"
-            ),
-            {"id": job_id, "token": attempt_token, "result": _json(document), "ttl": results_ttl_seconds,
-             "sources": sources(Status.SUCCEEDED)},
-        ).first()
-        if row is None:
-            return False
-        for entry in results:
-            _insert_result(connection, job_id, entry)
-        add_event(connection, job_id, "succeeded", {"attempt": row.attempt, "results": len(results)})
-        _notify_change(connection, job_id, Status.SUCCEEDED)
-        return True
+        written = set(connection.execute(_SUCCEED, {
+            "ids": [success.job_id for success in successes],
+            "tokens": [success.attempt_token for success in successes],
+            "documents": documents,
+            "ttls": [success.results_ttl_seconds for success in successes],
+            "counts": [len(success.results) for success in successes],
+            "sources": sources(Status.SUCCEEDED),
+            "channel": CHANGES_CHANNEL,
+        }).scalars())
+        for success in successes:
+            if success.job_id in written:
+                for entry in success.results:
+                    _insert_result(connection, success.job_id, entry)
+    return written
+
+
+def succeed_run(bind: Bind, job_id: int, attempt_token: uuid.UUID, summary: Any,
+                results: Sequence[dict[str, Any]] = (), *, results_ttl_seconds: float | None = None) -> bool:
+    """Mark one run succeeded; return False, writing nothing, when the run is no longer current."""
+    success = Success(job_id, attempt_token, summary, results, results_ttl_seconds)
+    return job_id in succeed_runs(bind, [success])
 
 
 def _insert_result(connection: sa.Connection, job_id: int, entry: dict[str, Any]) -> None:
