@@ -17,7 +17,13 @@ from typing import Any
 from analyses.errors import InvalidParams
 
 # Modules imported on first use of the registry; each registers its analyses.
-ANALYSIS_MODULES = ("analyses.noop",)
+ANALYSIS_MODULES = (
+    "analyses.noop",
+    "analyses.relationship_matrix",
+    "analyses.related_sensors",
+    "analyses.events",
+    "analyses.matrix_profile",
+)
 
 _KINDS = ("integer", "number", "boolean", "string", "string_list", "json")
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")

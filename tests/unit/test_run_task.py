@@ -48,7 +48,11 @@ def _check_cancel(params, context):
 for _name, _body in [("test-save", _save_results), ("test-raise", _raise), ("test-return", _return),
                      ("test-cancel", _check_cancel)]:
     if _name not in {analysis.name for analysis in registry.all_analyses()}:
-        registry.register(registry.Analysis(name=_name, summary="test analysis", body=_body))
+        # "json" parameters pass any value through, exceptions included.
+        registry.register(registry.Analysis(
+            name=_name, summary="test analysis", body=_body,
+            params=(registry.Param("error", "json", "exception to raise"),
+                    registry.Param("summary", "json", "summary to return"))))
 
 
 @pytest.fixture
