@@ -307,7 +307,8 @@ def run_task(task: dict[str, Any], writer: SlotWriter, parent_death: ParentDeath
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     writer.begin_job(job_id, task["attempt"])
     extra = {"job_id": job_id, "attempt": task["attempt"], "slot": slot, "analysis": task["analysis"]}
-    logger.info("job %d started: %s", job_id, task["analysis"], extra={"event": "job_started", **extra})
+    # DEBUG: the supervisor logs the claim and the outcome at INFO already.
+    logger.debug("job %d started: %s", job_id, task["analysis"], extra={"event": "job_started", **extra})
     started = time.monotonic()
     context = None
     try:
@@ -328,7 +329,7 @@ def run_task(task: dict[str, Any], writer: SlotWriter, parent_death: ParentDeath
         writer.end_job()
         parent_death.set(True)
 
-    level = logging.INFO if outcome["status"] == "succeeded" else logging.WARNING
+    level = logging.DEBUG if outcome["status"] in ("succeeded", "cancelled") else logging.WARNING
     error_code = outcome["error"]["code"] if outcome["error"] else None
     logger.log(level, "job %d %s in %.3f s", job_id, outcome["status"], time.monotonic() - started,
                extra={"event": "job_finished", "status": outcome["status"], "error_code": error_code, **extra})

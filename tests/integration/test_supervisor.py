@@ -248,11 +248,13 @@ def test_non_finite_result_stored_as_null(engine, start_supervisor):
 
 def test_spawned_process_group_killed_with_job(engine, start_supervisor):
     start_supervisor(workers=1)
+    # A duration no other process on the machine uses identifies the grandchild.
+    duration = f"600.{random.randrange(10**6):06d}"
     job_id = submit(engine, steps=10_000, step_seconds=0.01, ignore_cancel=True,
-                    spawn_child="sh -c 'sleep 600 & wait'")
+                    spawn_child=f"sh -c 'sleep {duration} & wait'")
     wait_for_status(engine, job_id, "running")
     children = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"])
-                                 if p.info["cmdline"] == ["sleep", "600"]], 10, "the grandchild to start")
+                                 if p.info["cmdline"] == ["sleep", duration]], 10, "the grandchild to start")
 
     store.request_cancel(engine, job_id, by="tester")
     wait_for_status(engine, job_id, "cancelled", timeout=15)
