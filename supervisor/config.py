@@ -9,6 +9,7 @@ from, so ``analysisctl config show`` can say.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import sys
@@ -151,44 +152,53 @@ class Config:
                 continue
             values[name] = _convert(_BY_NAME[name], value, "flag")
             sources[name] = "flag"
-        _check(values)
+        _check(values, sources)
         return Config(values, sources)
 
 
 def _convert(setting: Setting, raw: Any, source: str) -> Any:
-    if raw is None or raw == "":
-        return None
+    def invalid(reason: str) -> ConfigError:
+        return ConfigError(f"invalid value {raw!r} for {setting.name} (from {source}): {reason}")
+
+    if raw is None:
+        return setting.default
+    if raw == "":
+        raise invalid("must not be empty (remove the setting to use its default)")
     try:
         if setting.kind is Path:
             return Path(raw).expanduser()
-        if setting.kind is int and isinstance(raw, float):
+        # TOML booleans are ints in Python, and 2.5 workers is no number of workers.
+        if isinstance(raw, bool) or (setting.kind is int and isinstance(raw, float)):
             raise ValueError
         value = setting.kind(raw)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"invalid value {raw!r} for {setting.name} (from {source}): expected {setting.kind.__name__}"
-        ) from None
+        raise invalid(f"expected {setting.kind.__name__}") from None
+    if setting.kind is float and not math.isfinite(value):
+        raise invalid("must be a finite number")
     if setting.kind in (int, float) and value < 0:
-        raise ConfigError(f"invalid value {raw!r} for {setting.name} (from {source}): must be >= 0")
+        raise invalid("must be >= 0")
     return value
 
 
-def _check(values: dict[str, Any]) -> None:
+def _check(values: dict[str, Any], sources: dict[str, str]) -> None:
+    def shown(name: str) -> str:
+        return f"{name} = {values[name]} (from {sources[name]})"
+
     if values["workers"] is not None and values["workers"] < 1:
-        raise ConfigError(f"invalid workers {values['workers']}: must be at least 1")
+        raise ConfigError(f"invalid {shown('workers')}: must be at least 1")
+    for name in ("lease_seconds", "heartbeat_seconds", "poll_seconds"):
+        if values[name] <= 0:
+            raise ConfigError(f"invalid {shown(name)}: must be greater than 0")
     if values["heartbeat_seconds"] * 2 > values["lease_seconds"]:
         raise ConfigError(
-            f"heartbeat_seconds ({values['heartbeat_seconds']}) must be at most half of lease_seconds "
-            f"({values['lease_seconds']}), so one missed renewal does not lose the lease"
+            f"{shown('heartbeat_seconds')} must be at most half of {shown('lease_seconds')}, "
+            "so one missed renewal does not lose the lease"
         )
     if values["throttle_resume_cpu_percent"] > values["throttle_pause_cpu_percent"]:
         raise ConfigError(
-            f"throttle_resume_cpu_percent ({values['throttle_resume_cpu_percent']}) must not exceed "
-            f"throttle_pause_cpu_percent ({values['throttle_pause_cpu_percent']}), or claims would flap"
+            f"{shown('throttle_resume_cpu_percent')} must not exceed {shown('throttle_pause_cpu_percent')}, "
+            "or claims would pause and resume in quick succession"
         )
-    for name in ("lease_seconds", "heartbeat_seconds", "poll_seconds"):
-        if values[name] <= 0:
-            raise ConfigError(f"invalid {name} {values[name]}: must be greater than 0")
 
 
 def env_name(name: str) -> str:
@@ -218,7 +228,7 @@ def load(environ: dict[str, str] | None = None, config_file: Path | None = None)
         if raw not in (None, ""):
             values[setting.name] = _convert(setting, raw, env_name(setting.name))
             sources[setting.name] = env_name(setting.name)
-    _check(values)
+    _check(values, sources)
     return Config(values, sources)
 
 

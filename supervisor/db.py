@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import sqlalchemy as sa
+import alembic.util
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -19,7 +20,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 
 from supervisor import config as config_module
 from supervisor import embedded
-from supervisor.errors import ConfigError, DatabaseUnavailable, SchemaOutOfDate
+from supervisor.errors import ConfigError, DatabaseUnavailable, SchemaOutOfDate, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,11 @@ def check_schema(engine: Engine) -> None:
             f"the database at {redact(engine.url)} has no job tables; run `analysisctl db upgrade` to create them"
         )
     script = ScriptDirectory.from_config(alembic_config("postgresql+psycopg://"))
-    if script.get_revision(current) is None:
+    try:
+        known = script.get_revision(current) is not None
+    except alembic.util.CommandError:
+        known = False
+    if not known:
         raise SchemaOutOfDate(
             f"the database is at revision {current}, which this version does not know "
             "(a newer version migrated it); upgrade analysis-jobs"
@@ -145,5 +150,9 @@ def connect(settings: config_module.Config | None = None, *, check: bool = True,
     settings = settings or config_module.load()
     engine = create_engine(resolve_url(settings), settings, **engine_options)
     if check:
-        check_schema(engine)
+        try:
+            check_schema(engine)
+        except ServiceError:
+            engine.dispose()
+            raise
     return engine

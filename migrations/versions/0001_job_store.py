@@ -56,19 +56,19 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_jobs"),
         sa.CheckConstraint(
             "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'expired')",
-            name="ck_jobs_status",
+            name=op.f("ck_jobs_status"),
         ),
         sa.CheckConstraint(
-            "max_attempts >= 1 AND attempt >= 0 AND attempt <= max_attempts", name="ck_jobs_attempts"
+            "max_attempts >= 1 AND attempt >= 0 AND attempt <= max_attempts", name=op.f("ck_jobs_attempts")
         ),
         sa.CheckConstraint(
             "(status = 'running') = (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL "
             "AND attempt_token IS NOT NULL)",
-            name="ck_jobs_lease",
+            name=op.f("ck_jobs_lease"),
         ),
-        sa.CheckConstraint("(status IN ('queued', 'running')) = (finished_at IS NULL)", name="ck_jobs_finished"),
-        sa.CheckConstraint("priority BETWEEN -1000 AND 1000", name="ck_jobs_priority"),
-        sa.CheckConstraint("timeout_seconds IS NULL OR timeout_seconds > 0", name="ck_jobs_timeout"),
+        sa.CheckConstraint("(status IN ('queued', 'running')) = (finished_at IS NULL)", name=op.f("ck_jobs_finished")),
+        sa.CheckConstraint("priority BETWEEN -1000 AND 1000", name=op.f("ck_jobs_priority")),
+        sa.CheckConstraint("timeout_seconds IS NULL OR timeout_seconds > 0", name=op.f("ck_jobs_timeout")),
     )
     op.create_index(
         "uq_jobs_active_key", "jobs", ["job_key"], unique=True,
@@ -116,7 +116,7 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "(kind = 'inline' AND value IS NOT NULL AND path IS NULL) OR "
             "(kind = 'file' AND path IS NOT NULL AND size_bytes IS NOT NULL AND sha256 IS NOT NULL)",
-            name="ck_job_results_kind",
+            name=op.f("ck_job_results_kind"),
         ),
     )
 
