@@ -288,27 +288,40 @@ class Supervisor:
         return max(0, wanted - len(self.ready))
 
     def write_and_claim(self) -> None:
-        """Write pending outcomes and claim new jobs in one transaction, then dispatch.
+        """Write pending outcomes and claim new jobs, then dispatch.
 
-        One commit serves both: with short jobs the commit's WAL flush is the
-        largest cost of a job's trip through the database.
+        With prefetched jobs in hand, one transaction does both, since with
+        short jobs the commit's WAL flush is the largest cost of a job's trip
+        through the database. With none in hand, a worker is idle: the claim
+        then commits first on its own, so the worker starts without waiting
+        for the outcomes to be written.
         """
         limit = self.claim_limit() if self.wake_claim else 0
         if not self.pending and limit == 0:
             return
+        if limit and self.pending and not self.ready and self.pool.free_slots():
+            self.claim(limit, connection=None)
+            limit = 0
         with self.engine.begin() as connection:
             self.flush_pending(connection)
-            jobs = runs.claim_jobs(connection, self.id, limit, lease_seconds=self.settings.lease_seconds)
+            if limit:
+                self.claim(limit, connection)
         self.pending.clear()
+        self.dispatch_ready()
+
+    def claim(self, limit: int, connection: sa.Connection | None) -> None:
+        """Claim up to ``limit`` jobs into the prefetch queue and dispatch what fits."""
+        jobs = runs.claim_jobs(connection or self.engine, self.id, limit, lease_seconds=self.settings.lease_seconds)
         # A full batch suggests more is queued: claim again on the next pass.
-        self.wake_claim = limit > 0 and len(jobs) == limit
+        self.wake_claim = len(jobs) == limit
         claimed_at = time.monotonic()
         for job in jobs:
             run = Run(job=job, slot=None, started=None)
             self.runs[job.id] = run
             self.ready.append((run, claimed_at))
             logger.info("job claimed", extra=self.log_extra("job_claimed", run))
-        self.dispatch_ready()
+        if connection is None:
+            self.dispatch_ready()
 
     def dispatch_ready(self) -> None:
         """Hand prefetched runs to free slots."""
