@@ -280,6 +280,12 @@ class DataAnalysis(registry.Analysis):
     """
 
     check: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # Same parameters, same result: a second submit returns the first job.
+    deduplicate: bool = True
+    # A rerun of a deterministic computation that hit its timeout would time
+    # out again, so only lost workers and leases are retried.
+    retry_codes: frozenset[str] = frozenset({"worker_died", "lease_expired"})
+    timeout_seconds: float | None = 2 * 3600
 
     def validate_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         validated = check_data_params(super().validate_params(params))

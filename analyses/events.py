@@ -350,11 +350,6 @@ SPIKE_MATCHING = registry.register(
         body=run_spike_matching,
         params=(*data.DATA_PARAMS, data.SENSORS, *DETECTION_PARAMS, TOLERANCE_MINUTES, TOP_N),
         check=_check_detection,
-        deduplicate=True,
-        max_attempts=3,
-        # A deterministic computation that timed out would time out again.
-        retry_codes=frozenset({"worker_died", "lease_expired"}),
-        timeout_seconds=2 * 3600,
     )
 )
 
@@ -539,10 +534,5 @@ CO_OCCURRENCE = registry.register(
         body=run_co_occurrence,
         params=(*data.DATA_PARAMS, data.SENSORS, *DETECTION_PARAMS, WINDOW_MINUTES, TOP_N),
         check=_check_detection,
-        deduplicate=True,
-        max_attempts=3,
-        # A deterministic computation that timed out would time out again.
-        retry_codes=frozenset({"worker_died", "lease_expired"}),
-        timeout_seconds=2 * 3600,
     )
 )

@@ -337,10 +337,6 @@ MATRIX_PROFILE = registry.register(
         summary="Motifs and discords of one sensor from its exact z-normalised matrix profile.",
         body=run_matrix_profile,
         params=(*data.DATA_PARAMS, TARGET, WINDOW, TOP_K),
-        deduplicate=True,
-        max_attempts=3,
-        # A deterministic computation that timed out would time out again.
-        retry_codes=frozenset({"worker_died", "lease_expired"}),
         timeout_seconds=4 * 3600,
     )
 )

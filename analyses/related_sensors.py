@@ -152,10 +152,5 @@ RELATED_SENSORS = registry.register(
         body=run_related_sensors,
         params=(*data.DATA_PARAMS, TARGET, CANDIDATES, MAX_LAG_MINUTES, MIN_OVERLAP),
         check=_check_params,
-        deduplicate=True,
-        max_attempts=3,
-        # A deterministic computation that timed out would time out again.
-        retry_codes=frozenset({"worker_died", "lease_expired"}),
-        timeout_seconds=2 * 3600,
     )
 )

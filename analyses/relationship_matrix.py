@@ -169,11 +169,5 @@ RELATIONSHIP_MATRIX = registry.register(
         body=run_relationship_matrix,
         params=(*data.DATA_PARAMS, data.SENSORS, MIN_OVERLAP, MAX_LAG_MINUTES, TOP_N),
         check=_check_params,
-        deduplicate=True,
-        max_attempts=3,
-        # A rerun of a deterministic computation that hit its timeout would
-        # time out again, so only lost workers and leases are retried.
-        retry_codes=frozenset({"worker_died", "lease_expired"}),
-        timeout_seconds=2 * 3600,
     )
 )

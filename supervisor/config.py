@@ -2,8 +2,8 @@
 
 Later sources win: a flag beats ``ANALYSIS_*`` environment variables, which
 beat the TOML file (``ANALYSIS_CONFIG``, else ``<data dir>/config.toml``),
-which beats the defaults below. Every setting remembers where its value came
-from, so ``analysisctl config show`` can say.
+which beats the defaults below. Every setting records where its value came
+from, and ``analysisctl config show`` prints it.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ CANCEL_GRACE_SECONDS_DEFAULT = 10.0
 SHUTDOWN_GRACE_SECONDS_DEFAULT = 10.0
 PROGRESS_INTERVAL_SECONDS_DEFAULT = 0.5
 WORKER_START_TIMEOUT_SECONDS_DEFAULT = 60.0
-# Parameters travel in rows and events; a sensor list of a few thousand ids
-# is about 100 KB, so 256 KiB leaves room without letting rows grow unbounded.
+# Parameters are stored in job rows. A list of a few thousand sensor ids is
+# about 100 KB, so 256 KiB leaves room without letting rows grow unbounded.
 MAX_PARAMS_BYTES_DEFAULT = 256 * 1024
 STATEMENT_TIMEOUT_MS_DEFAULT = 30_000
 IDLE_IN_TRANSACTION_TIMEOUT_MS_DEFAULT = 60_000

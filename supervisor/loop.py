@@ -11,10 +11,11 @@ One thread runs the main loop; a second only LISTENs for notifications::
                             terminate                      ▼ progress records
                                                     WorkerPool (one process per slot)
 
-Each pass of the loop: drain notifications; renew leases (heartbeat); sweep
-expired leases and deadlines; apply cancel requests, run timeouts and grace
-periods; claim as many jobs as there are free slots unless throttled; write
-progress; then wait for the next outcome, notification or deadline. Any
+Each pass of the loop renews leases (the heartbeat), sweeps expired leases
+and deadlines, and applies cancel requests, run timeouts and grace periods.
+It then writes outcomes, claims jobs for the free slots unless throttled and
+writes progress. Finally it waits for the next outcome, notification or
+deadline. Any
 database error is logged and retried with backoff while jobs keep running;
 outcomes that could not be written are kept and written later.
 """
@@ -58,17 +59,17 @@ SWEEP_SECONDS = 5.0
 THROTTLE_SECONDS = 2.0
 # Prefetching: while recent runs are short, the supervisor claims extra jobs,
 # about PREFETCH_WORK_SECONDS of work per slot and at most
-# PREFETCH_MAX_PER_SLOT, so a freed worker gets its next job from memory
+# PREFETCH_MAX_PER_SLOT. A freed worker then gets its next job from memory
 # instead of waiting for a commit, and one commit serves many jobs. Jobs of
-# PREFETCH_WORK_SECONDS or longer are not prefetched: they gain nothing and
-# would only hold work another supervisor could start. A prefetched job not
-# started within PREFETCH_HOLD_SECONDS is handed back.
+# PREFETCH_WORK_SECONDS or longer are not prefetched, because they gain
+# nothing and would only hold work another supervisor could start. A
+# prefetched job not started within PREFETCH_HOLD_SECONDS is handed back.
 PREFETCH_WORK_SECONDS = 0.05
 PREFETCH_MAX_PER_SLOT = 8
 PREFETCH_HOLD_SECONDS = 2.0
-# Progress writes are due every progress interval; a pass that comes this
-# much early still writes, so timer jitter cannot push a write a whole
-# poll interval later.
+# Progress writes are due every progress interval. A pass that comes this
+# much early still writes, so timer jitter cannot delay a write by a whole
+# poll interval.
 PROGRESS_SLACK_SECONDS = 0.05
 DB_RETRY_SECONDS_MAX = 10.0
 

@@ -349,7 +349,7 @@ def fail_run(bind: Bind, job_id: int, attempt_token: uuid.UUID, error: dict[str,
 
 def cancel_run(bind: Bind, job_id: int, attempt_token: uuid.UUID, *, stage: str,
                details: dict[str, Any] | None = None) -> bool:
-    """Mark a run cancelled once its process has stopped; ``stage`` says how it stopped.
+    """Mark a run cancelled once its process has stopped.
 
     ``stage`` is "cooperative" (the analysis stopped at a cancel check),
     "terminate" (SIGTERM after the grace period) or "kill" (SIGKILL).

@@ -41,8 +41,8 @@ CHANGES_CHANNEL = "analysis_jobs_changes"
 
 MAX_KEY_LENGTH = 200
 MAX_USER_LENGTH = 100
-# Claims never block on each other, so a supervisor takes at most this many
-# jobs per statement; more free slots just mean another round.
+# Upper bound of jobs one claim statement takes. A supervisor with more free
+# slots claims again in the next pass.
 MAX_CLAIM_BATCH = 500
 # Rows handled per statement by the sweeps, so no sweep holds many row locks.
 SWEEP_BATCH = 500

