@@ -65,12 +65,18 @@ THROTTLE_SECONDS = 2.0
 # nothing and would only hold work another supervisor could start. A
 # prefetched job not started within PREFETCH_HOLD_SECONDS is handed back.
 PREFETCH_WORK_SECONDS = 0.05
-PREFETCH_MAX_PER_SLOT = 8
+PREFETCH_MAX_PER_SLOT = 16
 PREFETCH_HOLD_SECONDS = 2.0
 # Progress writes are due every progress interval. A pass that comes this
 # much early still writes, so timer jitter cannot delay a write by a whole
 # poll interval.
 PROGRESS_SLACK_SECONDS = 0.05
+# While prefetched jobs keep the workers busy, outcomes are written in
+# batches: a write waits up to OUTCOME_DELAY_SECONDS for more outcomes, or
+# until OUTCOME_BATCH_MAX have arrived. Each worker then runs many jobs per
+# commit instead of one job per loop pass.
+OUTCOME_DELAY_SECONDS = 0.01
+OUTCOME_BATCH_MAX = 64
 DB_RETRY_SECONDS_MAX = 10.0
 
 
@@ -117,6 +123,8 @@ class Supervisor:
         # Moving average of recent run durations, None before the first one.
         self.recent_run_seconds: float | None = None
         self.pending: list[tuple[Run, Outcome]] = []
+        # time.monotonic() when the oldest pending outcome arrived.
+        self.pending_since: float | None = None
         self.stopping = False
         self.forced = False
         self.wake_claim = True
@@ -259,6 +267,8 @@ class Supervisor:
 
     def next_wake(self, now: float) -> float:
         wake = min(self.next_poll, self.next_heartbeat, now + self.settings.progress_interval_seconds)
+        if self.pending_since is not None:
+            wake = min(wake, self.pending_since + OUTCOME_DELAY_SECONDS)
         for run in self.runs.values():
             if run.stop_deadline is not None:
                 wake = min(wake, run.stop_deadline)
@@ -300,6 +310,8 @@ class Supervisor:
         limit = self.claim_limit() if self.wake_claim else 0
         if not self.pending and limit == 0:
             return
+        if self.is_write_deferrable():
+            return
         if limit and self.pending and not self.ready and self.pool.free_slots():
             self.claim(limit, connection=None)
             limit = 0
@@ -308,7 +320,22 @@ class Supervisor:
             if limit:
                 self.claim(limit, connection)
         self.pending.clear()
+        self.pending_since = None
         self.dispatch_ready()
+
+    def is_write_deferrable(self) -> bool:
+        """Return whether pending outcomes may wait for a bigger batch.
+
+        Only while every worker is busy or has a prefetched job waiting, so
+        deferring never leaves a worker idle.
+        """
+        if self.stopping or not self.pending or self.pending_since is None:
+            return False
+        if len(self.pending) >= OUTCOME_BATCH_MAX:
+            return False
+        if time.monotonic() - self.pending_since >= OUTCOME_DELAY_SECONDS:
+            return False
+        return len(self.ready) >= self.slots
 
     def claim(self, limit: int, connection: sa.Connection | None) -> None:
         """Claim up to ``limit`` jobs into the prefetch queue and dispatch what fits."""
@@ -331,6 +358,9 @@ class Supervisor:
                 return
             run, _ = self.ready.popleft()
             run.slot, run.started = slot, time.monotonic()
+            # The first progress write comes one interval after the start, so
+            # jobs shorter than that never write progress at all.
+            run.last_progress_write = run.started
             task = Task(job_id=run.job.id, attempt=run.job.attempt, attempt_token=str(run.token),
                         analysis=run.job.analysis, params=run.job.params, results_dir=str(self.results_dir),
                         database_url=self.database_url)
@@ -400,6 +430,8 @@ class Supervisor:
                 continue
             del self.runs[outcome.job_id]
             self.pending.append((run, outcome))
+            if self.pending_since is None:
+                self.pending_since = time.monotonic()
             duration = time.monotonic() - (run.started or time.monotonic())
             self.recent_run_seconds = duration if self.recent_run_seconds is None else (
                 0.8 * self.recent_run_seconds + 0.2 * duration)
@@ -446,6 +478,7 @@ class Supervisor:
             with self.engine.begin() as connection:
                 self.flush_pending(connection)
             self.pending.clear()
+            self.pending_since = None
         except sa.exc.OperationalError as error:
             logger.error("outcomes lost: database unavailable at shutdown",
                          extra=self.log_extra("db_unavailable", error=str(error.orig), outcomes=len(self.pending)))
