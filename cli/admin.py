@@ -23,7 +23,7 @@ from cli.common import (
     setting_option,
 )
 from supervisor import config as config_module
-from supervisor import db, runs, sweeps
+from supervisor import db, embedded, runs, sweeps
 from supervisor.errors import SchemaOutOfDate
 from supervisor.store import SWEEP_BATCH
 
@@ -216,9 +216,29 @@ def db_check(ctx: typer.Context) -> None:
 @db_app.command("url", epilog="Example:\n\n  psql \"$(analysisctl db url)\"\n\n"
                               "Starts the embedded server first when no URL is configured.")
 def db_url(ctx: typer.Context) -> None:
-    """Print the database URL in libpq form with the password hidden, for psql."""
+    """Print the database URL in libpq form with the password hidden.
+
+    The embedded server needs no password, so ``psql "$(analysisctl db url)"``
+    connects to it; for a server that asks for one, give psql the password
+    yourself (PGPASSWORD or ~/.pgpass).
+    """
     settings = load_settings(ctx)
     typer.echo(redact_url(libpq_url(db.resolve_url(settings))))
+
+
+@db_app.command("stop", epilog="Example:\n\n  analysisctl db stop")
+def db_stop(ctx: typer.Context) -> None:
+    """Stop the embedded Postgres server; the next command that needs it starts it again."""
+    settings = load_settings(ctx)
+    if settings.database_url:
+        typer.echo("error: a database URL is configured (ANALYSIS_DATABASE_URL or --database-url); "
+                   "only the embedded server can be stopped with this command", err=True)
+        raise typer.Exit(2)
+    pgdata = settings.effective_data_dir / "postgres"
+    if embedded.stop(settings.effective_data_dir):
+        typer.echo(f"stopped the embedded Postgres in {pgdata}")
+    else:
+        typer.echo(f"the embedded Postgres in {pgdata} is not running")
 
 
 # prune -----------------------------------------------------------------------

@@ -74,7 +74,9 @@ def submit(
         "--params-file", metavar="FILE", help="Read the parameters from a JSON file containing one object.",
         dir_okay=False)] = None,
     key: Annotated[str | None, typer.Option(
-        help="Deduplication key: while a queued or running job has this key, submit returns that job.")] = None,
+        help="Deduplication key: while a queued or running job has this key, submit returns that job. "
+             "Default: none, except for analyses that `analysisctl analyses` lists as deduplicated, "
+             "whose key is derived from the parameters.")] = None,
     priority: Annotated[int, typer.Option(help="Priority from -1000 to 1000; higher runs first.")] = 0,
     user: Annotated[str | None, typer.Option(
         help="Submitting user, recorded on the job. Default: the OS login name.", show_default=False)] = None,
@@ -314,11 +316,12 @@ def cancel(
     engine = open_engine(ctx, settings)
     result = store.request_cancel(engine, job_id, by=current_user())
     if result.outcome == "cancelled":
-        typer.echo("cancelled")
+        typer.echo(f"job {job_id} cancelled before it started")
     elif result.outcome == "requested":
-        typer.echo("cancel requested")
+        typer.echo(f"job {job_id}: cancel requested; it stops at its next cancel check, "
+                   f"or is terminated after the grace period ({settings.cancel_grace_seconds:g} s)")
     else:
-        typer.echo(f"already finished: {result.job.status}")
+        typer.echo(f"job {job_id} already finished: {result.job.status}")
     if wait:
         jobs = {job_id: result.job}
         if not result.job.is_terminal:

