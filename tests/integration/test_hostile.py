@@ -1,8 +1,8 @@
 """Hostile input, crashes, signals and races against a real database and real supervisors.
 
-Each test reproduces one attack. Tests marked ``xfail(strict=True)`` fail
-today because of the bug their reason names; they start to pass, and then
-must lose the mark, once that bug is fixed.
+Each test reproduces one attack. A test marked ``xfail(strict=True)`` fails
+today because of the bug that its reason names. Once that bug is fixed the
+test passes, and strict mode then fails the run until the mark is removed.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def cli(engine, database_url, tmp_path):
 
 @pytest.fixture
 def start_supervisor(engine, database_url, tmp_path):
-    """Start supervisors on this test's data folder; stop them (after SIGCONT) at the end."""
+    """Start supervisors on this test's data folder, and resume and stop them at the end."""
     started: list[SupervisorProcess] = []
 
     def start(workers: int = 2, **settings) -> SupervisorProcess:
@@ -271,7 +271,7 @@ def test_cli_empty_user_rejected(cli, engine):
 
 # Bad input through the Python API -------------------------------------------------------
 
-def _nested(depth: int) -> list:
+def nested_list(depth: int) -> list:
     value: list = []
     for _ in range(depth):
         value = [value]
@@ -281,7 +281,7 @@ def _nested(depth: int) -> list:
 @pytest.mark.parametrize(
     ("analysis", "params", "options", "field"),
     [
-        ("noop", {"result": _nested(40)}, {}, "params"),
+        ("noop", {"result": nested_list(40)}, {}, "params"),
         ("noop", {"result": {"a": float("nan")}}, {}, "params"),
         ("noop", {"result": {1: 2}}, {}, "params"),
         ("noop", {"result": b"bytes"}, {}, "params"),
@@ -382,7 +382,7 @@ def test_csv_error_hides_file_content(engine, run_in_process, tmp_path):
                                        "control characters from a submitter's parameters (here csv_path) "
                                        "reach the operator's terminal as escape sequences")
 def test_status_text_escapes_control_characters(cli, engine, run_in_process, tmp_path):
-    # OSC 0 sets the terminal title; click strips only CSI sequences off a non-terminal.
+    # OSC 0 sets the terminal title. Off a terminal click strips CSI sequences, but not OSC ones.
     path = tmp_path / "x\x1b]0;owned\x07.csv"
     path.write_text("a,b\n")
     job = store.submit(engine, "relationship-matrix", {"source": "csv", "csv_path": str(path)},
@@ -426,7 +426,7 @@ def test_parallel_cli_submits_share_one_job(engine, database_url, tmp_path):
 @pytest.mark.xfail(strict=True, reason="the supervisor claims prefetched jobs with attempt + 1; when it dies "
                                        "before dispatching them, lease recovery spends that attempt, so a job "
                                        "with max_attempts=1 fails lease_expired without its body ever running")
-def test_prefetched_jobs_keep_attempt_after_supervisor_kill(engine, start_supervisor, tmp_path):
+def test_prefetched_job_keeps_attempt_on_kill(engine, start_supervisor, tmp_path):
     supervisor = start_supervisor(workers=1)
     # Short runs make the supervisor prefetch while its one slot is busy.
     for job_id in [submit(engine, steps=1) for _ in range(20)]:
@@ -451,7 +451,7 @@ def test_prefetched_jobs_keep_attempt_after_supervisor_kill(engine, start_superv
 
 
 @pytest.mark.slow
-def test_double_sigterm_forces_exit_and_jobs_recover(engine, start_supervisor, tmp_path):
+def test_double_sigterm_forced_exit_recovers(engine, start_supervisor, tmp_path):
     supervisor = start_supervisor(workers=2)
     run_log = tmp_path / "runs.log"
     jobs = [submit(engine, steps=60, step_seconds=0.05, run_log=str(run_log)) for _ in range(2)]
@@ -485,10 +485,10 @@ def test_double_sigterm_forces_exit_and_jobs_recover(engine, start_supervisor, t
                                        "recv: a worker stopped mid-send blocks the supervisor's main loop, "
                                        "so its heartbeat stops, its leases expire and another supervisor "
                                        "starts its other jobs while their first runs continue")
-def test_stopped_worker_mid_send_keeps_other_leases(engine, start_supervisor, tmp_path):
+def test_worker_stopped_mid_send_keeps_leases(engine, start_supervisor, tmp_path):
     first = start_supervisor(workers=2)
     neighbour_log = tmp_path / "neighbour.log"
-    neighbour = submit(engine, steps=150, step_seconds=0.1, run_log=str(neighbour_log))
+    submit(engine, steps=150, step_seconds=0.1, run_log=str(neighbour_log))
     wait_for(lambda: starts(neighbour_log), 10, "the neighbour to start")
     sender_log = tmp_path / "sender.log"
     # 4 MiB: far more than a Unix socket buffer, so the send blocks until the supervisor reads.
@@ -514,7 +514,7 @@ def test_stopped_worker_mid_send_keeps_other_leases(engine, start_supervisor, tm
 @pytest.mark.xfail(strict=True, reason="workers do not stop when their supervisor stops renewing leases "
                                        "(SIGSTOP, VM pause), so after lease recovery two runs of one job "
                                        "execute at once; tokens only stop the stale run's database writes")
-def test_stopped_supervisor_run_stops_before_recovery(engine, start_supervisor, tmp_path):
+def test_stopped_supervisor_run_is_fenced(engine, start_supervisor, tmp_path):
     first = start_supervisor(workers=1)
     run_log = tmp_path / "runs.log"
     job_id = submit(engine, steps=150, step_seconds=0.1, run_log=str(run_log))
@@ -556,14 +556,21 @@ def test_kill_restart_cycles_leak_nothing(engine, start_supervisor, database_url
     engine.dispose()
     shared_before = shared_memory()
     connections_before = connections()
-    # Children in their own process groups: the worker disarms PDEATHSIG for them.
+    # A child in its own process group makes the worker disarm PDEATHSIG, so the lifeline must kill it.
     marker = f"600.{random.randrange(10**6):06d}"
     jobs = [submit(engine, steps=100_000, step_seconds=0.01, max_attempts=100, spawn_child=f"sleep {marker}")
             for _ in range(2)]
+
+    def sleepers() -> list[int]:
+        return [process.pid for process in psutil.process_iter(["cmdline"])
+                if process.info["cmdline"] == ["sleep", marker]]
+
     for cycle in range(1, 11):
         supervisor = start_supervisor(workers=2)
         wait_for(lambda cycle=cycle: all(store.get_job(engine, job_id).attempt == cycle for job_id in jobs),
                  20, f"cycle {cycle} to claim both jobs")
+        wait_for(lambda: len(sleepers()) >= 2, 10, f"cycle {cycle} to start both children")
+        assert own_processes(), "the process filter finds this test's workers"
         supervisor.kill()
         with engine.begin() as connection:
             connection.execute(sa.text("UPDATE jobs SET lease_expires_at = now() - interval '1 second' "
@@ -571,8 +578,7 @@ def test_kill_restart_cycles_leak_nothing(engine, start_supervisor, database_url
     engine.dispose()
 
     wait_for(lambda: not own_processes(), 10, "orphaned workers to exit")
-    sleepers = [process for process in psutil.process_iter(["cmdline"]) if process.info["cmdline"] == ["sleep", marker]]
-    assert sleepers == []
+    wait_for(lambda: not sleepers(), 10, "the jobs' children to be killed")
     assert shared_memory() - shared_before == set()
     wait_for(lambda: connections() <= connections_before, 10, "the killed supervisors' connections to close")
 
@@ -633,7 +639,8 @@ def test_cancel_racing_completion_has_one_end(engine, start_supervisor, tmp_path
 
     for pair in range(8):
         errors = []
-        threads = [threading.Thread(target=lambda n=n: _collect(errors, race, n)) for n in (2 * pair, 2 * pair + 1)]
+        threads = [threading.Thread(target=_collect, args=(errors, race, number))
+                   for number in (2 * pair, 2 * pair + 1)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -644,7 +651,7 @@ def test_cancel_racing_completion_has_one_end(engine, start_supervisor, tmp_path
 def _collect(errors: list, function, *args) -> None:
     try:
         function(*args)
-    except BaseException as error:  # reported by the test's own assert
+    except AssertionError as error:  # The test asserts that the list stays empty.
         errors.append(error)
 
 
