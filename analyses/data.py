@@ -188,9 +188,9 @@ def parse_timestamp(text: str, *, assume_utc: bool = False) -> float:
 def format_timestamp(seconds: float) -> str:
     """Return ``seconds`` since the epoch as ISO-8601 UTC with a ``Z`` suffix."""
     moment = datetime.fromtimestamp(seconds, tz=UTC)
-    if moment.microsecond:
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    # isoformat pads the year to four digits; strftime("%Y") does not on glibc.
+    text = moment.replace(tzinfo=None).isoformat(timespec="microseconds" if moment.microsecond else "seconds")
+    return text + "Z"
 
 
 # ---------------------------------------------------------------------------
@@ -345,7 +345,12 @@ def read_csv(
         try:
             sensor_column, ts_column, value_column = (header.index(name) for name in ("sensor_id", "ts", "value"))
         except ValueError:
-            raise ReadingsError(f"{path}: header {header} lacks one of the columns sensor_id, ts, value") from None
+            # The header is not quoted: job errors are readable by every user,
+            # and csv_path may name any file the worker can read.
+            raise ReadingsError(
+                f"{path}: the first line is not a header with the columns sensor_id, ts, value "
+                f"({len(header)} columns found)"
+            ) from None
         width = len(header)
 
         line = 1
@@ -371,8 +376,11 @@ def read_csv(
                 if seconds is None:
                     try:
                         seconds = parse_timestamp(text, assume_utc=True)
-                    except ValueError as error:
-                        raise ReadingsError(f"{path} line {line}: {error}") from None
+                    except ValueError:
+                        raise ReadingsError(
+                            f"{path} line {line}: invalid timestamp in column ts; expected ISO-8601 such as "
+                            "2022-09-01T00:05:00Z"
+                        ) from None
                     timestamps[text] = seconds
                 if (start is not None and seconds < start) or (end is not None and seconds >= end):
                     continue
@@ -383,11 +391,13 @@ def read_csv(
                 try:
                     value = float(text)
                 except ValueError:
-                    raise ReadingsError(f"{path} line {line}: value {text[:40]!r} is not a number") from None
+                    raise ReadingsError(f"{path} line {line}: the value is not a number") from None
                 if math.isnan(value):
                     continue
                 if math.isinf(value):
-                    raise ReadingsError(f"{path} line {line}: value {text!r} is infinite; use an empty value for a missing reading")
+                    raise ReadingsError(
+                        f"{path} line {line}: the value is infinite; use an empty value for a missing reading"
+                    )
                 times, values = columns.setdefault(sensor, ([], []))
                 times.append(seconds)
                 values.append(value)

@@ -15,9 +15,16 @@ import time
 from typing import Any
 
 from analyses import registry
-from analyses.errors import AnalysisError, RetryableError
+from analyses.errors import AnalysisError, InvalidParams, RetryableError
 
 _SIGNALS = ("SIGKILL", "SIGTERM", "SIGSEGV", "SIGABRT", "SIGINT")
+
+# Parameters that run a shell command, write a file or end the worker
+# process. Anyone who may submit a job could otherwise run code on the
+# supervisor's host, so a supervisor honours them only when its environment
+# sets this variable to 1, as test suites and benchmarks do.
+FAULT_INJECTION_VARIABLE = "ANALYSIS_ALLOW_FAULT_INJECTION"
+_FAULT_PARAMS = ("spawn_child", "run_log", "exit_code", "kill_signal")
 
 
 def _append_run_log(path: str, context, event: str) -> None:
@@ -32,6 +39,11 @@ def _busy_wait(seconds: float) -> None:
 
 
 def run_noop(params: dict[str, Any], context) -> Any:
+    if os.environ.get(FAULT_INJECTION_VARIABLE) != "1":
+        for name in _FAULT_PARAMS:
+            if params.get(name) is not None:
+                raise InvalidParams(name, params[name], f"fault injection is disabled on this supervisor; "
+                                                        f"start it with {FAULT_INJECTION_VARIABLE}=1 to allow it")
     run_log = params.get("run_log")
     if run_log:
         _append_run_log(run_log, context, "start")

@@ -231,8 +231,10 @@ class SupervisorProcess:
         environ = {key: value for key, value in os.environ.items() if not key.startswith("ANALYSIS_")}
         data_dir = work_dir / f"{name}-data"
         data_dir.mkdir()
+        # The pick-up scenario times the body's start through noop's run_log,
+        # a fault-injection parameter the supervisor honours only when allowed.
         environ.update({"ANALYSIS_DATABASE_URL": database_url, "ANALYSIS_DATA_DIR": str(data_dir),
-                        "ANALYSIS_WORKERS": str(WORKERS)})
+                        "ANALYSIS_WORKERS": str(WORKERS), "ANALYSIS_ALLOW_FAULT_INJECTION": "1"})
         environ.update(settings or {})
         command = [sys.executable, "-m", "supervisor"]
         if profile_path is not None:

@@ -100,7 +100,7 @@ def submit(
     engine = open_engine(ctx, settings)
 
     result = store.submit(
-        engine, analysis, values, user=user or current_user(), key=key, priority=priority,
+        engine, analysis, values, user=current_user() if user is None else user, key=key, priority=priority,
         max_attempts=max_attempts, start_by=deadline, timeout_seconds=timeout,
         max_params_bytes=settings.max_params_bytes,
     )
@@ -213,9 +213,9 @@ def _print_status(job: Job, queue: dict[str, Any] | None) -> None:
         label = "last error" if job.status in (Status.QUEUED, Status.RUNNING) else "error"
         rows.append((label, output.format_error(job.error)))
 
-    typer.echo(f"job {job.id} {job.analysis}: {job.status}")
+    typer.echo(f"job {job.id} {output.printable(job.analysis)}: {job.status}")
     for label, value in rows:
-        typer.echo(f"  {label:<10} {value}")
+        typer.echo(f"  {label:<10} {output.printable(value)}")
 
 
 # watch -------------------------------------------------------------------

@@ -203,12 +203,24 @@ def format_eta(view: ProgressView, status: str) -> str:
     return "unknown" if status == Status.RUNNING else "-"
 
 
+def printable(text: str) -> str:
+    """Return ``text`` with control characters escaped, safe to print on a terminal.
+
+    Job fields hold text from whoever submitted the job, and an escape
+    sequence in them could retitle or rewrite the reader's terminal.
+    """
+    return "".join(
+        character if character.isprintable() or character == " " else repr(character)[1:-1]
+        for character in text
+    )
+
+
 def format_error(error: Mapping[str, Any] | None) -> str:
     if not error:
         return "-"
     code = error.get("code") or "error"
     message = error.get("message") or ""
-    return f"{code}: {message}" if message else str(code)
+    return printable(f"{code}: {message}" if message else str(code))
 
 
 def format_attempt(job: Job) -> str:
@@ -218,7 +230,7 @@ def format_attempt(job: Job) -> str:
 def progress_line(job: Job) -> str:
     """Return one line describing a job's state, for pipes and logs."""
     view = progress_view(job)
-    parts = [f"job {job.id} {job.analysis}: {job.status}", f"attempt {format_attempt(job)}"]
+    parts = [f"job {job.id} {printable(job.analysis)}: {job.status}", f"attempt {format_attempt(job)}"]
     if job.status == Status.RUNNING or view.phase:
         if view.phase:
             parts.append(f"phase {view.phase}")
@@ -233,7 +245,7 @@ def progress_line(job: Job) -> str:
         parts.append("cancel requested")
     if job.status == Status.QUEUED and job.error:
         parts.append(f"last error {format_error(job.error)}")
-    return ", ".join(parts)
+    return printable(", ".join(parts))
 
 
 def outcome_line(job: Job) -> str:

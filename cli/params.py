@@ -21,6 +21,8 @@ def parse_value(text: str, *, label: str) -> Any:
         return payloads.loads_strict(text)
     except json.JSONDecodeError:
         return text
+    except RecursionError:
+        raise InvalidRequest(f"invalid {label}: nested too deeply", field="params") from None
     except ValueError as error:
         raise InvalidRequest(f"invalid {label}: {error}", field="params") from None
 
@@ -42,6 +44,8 @@ def parse_document(text: str, *, source: str) -> dict[str, Any]:
         document = payloads.loads_strict(text)
     except json.JSONDecodeError as error:
         raise InvalidRequest(f"{source} is not valid JSON: {error}", field="params") from None
+    except RecursionError:
+        raise InvalidRequest(f"{source} is nested too deeply", field="params") from None
     except ValueError as error:
         raise InvalidRequest(f"{source} is not valid: {error}", field="params") from None
     if not isinstance(document, dict):

@@ -97,6 +97,9 @@ class Run:
     last_progress_write: float = 0.0
     last_progress_event: float = 0.0
     last_phase: str | None = None
+    # time.monotonic() after which the worker stops the run by itself unless
+    # a heartbeat has renewed the lease; see fence_deadline().
+    fence_deadline: float = 0.0
 
     @property
     def token(self) -> uuid.UUID:
@@ -344,7 +347,7 @@ class Supervisor:
         self.wake_claim = len(jobs) == limit
         claimed_at = time.monotonic()
         for job in jobs:
-            run = Run(job=job, slot=None, started=None)
+            run = Run(job=job, slot=None, started=None, fence_deadline=self.fence_deadline(claimed_at))
             self.runs[job.id] = run
             self.ready.append((run, claimed_at))
             logger.info("job claimed", extra=self.log_extra("job_claimed", run))
@@ -365,6 +368,7 @@ class Supervisor:
                         analysis=run.job.analysis, params=run.job.params, results_dir=str(self.results_dir),
                         database_url=self.database_url)
             self.pool.dispatch(slot, task)
+            self.pool.set_run_deadline(run.job.id, str(run.token), run.fence_deadline)
 
     def release_ready(self, *, reason: str, older_than: float | None) -> None:
         """Give prefetched runs back to the queue, those waiting longer than ``older_than`` seconds."""
@@ -530,10 +534,26 @@ class Supervisor:
 
     # Heartbeat, sweeps, progress ----------------------------------------------
 
+    def fence_deadline(self, renewed_at: float) -> float:
+        """Return when a run's worker must stop if the lease renewed at ``renewed_at`` is not renewed again.
+
+        ``renewed_at`` is taken before the renewal is sent, so the deadline
+        falls before the lease's expiry in the database, and a margin more
+        covers the worker's check interval and clock reading.
+        """
+        lease = self.settings.lease_seconds
+        return renewed_at + lease - min(2.0, lease / 4)
+
     def heartbeat(self) -> None:
         tokens = [run.token for run in self.runs.values()]
+        sent_at = time.monotonic()
         held = runs.heartbeat(self.engine, self.id, tokens, lease_seconds=self.settings.lease_seconds,
                               throttle=self.throttle.state())
+        for run in self.runs.values():
+            if run.token in held:
+                run.fence_deadline = self.fence_deadline(sent_at)
+                if run.slot is not None:
+                    self.pool.set_run_deadline(run.job.id, str(run.token), run.fence_deadline)
         for run in list(self.runs.values()):
             if run.token not in held and run.token in tokens:
                 # Another supervisor recovered this job: stop our copy, and

@@ -158,6 +158,7 @@ class WorkerPool:
             raise ValueError(f"job {task.job_id} already runs on another slot")
 
         self._records.set_cancel(slot, False)
+        self._records.set_run_deadline(slot, 0.0)
         target.run = Run(task)
         if target.worker is None:
             message = f"the worker of slot {slot} failed to start and is waiting to restart"
@@ -207,6 +208,21 @@ class WorkerPool:
         self._records.set_cancel(slot.index, True)
         logger.info("cancel requested for job %d on slot %d", job_id, slot.index,
                     extra={"event": "cancel_requested", "job_id": job_id, "slot": slot.index})
+        return True
+
+    def set_run_deadline(self, job_id: int, attempt_token: str, deadline: float) -> bool:
+        """Tell the worker running that exact run to stop by itself after ``deadline``.
+
+        ``deadline`` is a ``time.monotonic()`` value. A worker past it kills
+        its process groups and exits, so a supervisor that stalls (stopped,
+        swapped out, cut off from the database) cannot keep running a job
+        whose lease another supervisor may already have taken over. Returns
+        False when the run is not on any slot.
+        """
+        slot = self._find_run(job_id, attempt_token)
+        if slot is None:
+            return False
+        self._records.set_run_deadline(slot.index, deadline)
         return True
 
     def terminate(self, job_id: int, attempt_token: str, *, grace_seconds: float = 2.0,

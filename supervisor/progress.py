@@ -66,6 +66,9 @@ class SlotRecord(ctypes.Structure):
         ("process_groups", ctypes.c_int32 * MAX_PROCESS_GROUPS),
         ("phase", ctypes.c_char * PHASE_BYTES),
         ("message", ctypes.c_char * MESSAGE_BYTES),
+        # time.monotonic() after which the run's lease may have passed to
+        # another supervisor; 0 while unset. Written only by the supervisor.
+        ("run_deadline", ctypes.c_double),
     ]
 
 
@@ -317,6 +320,13 @@ class ProgressRecords:
     def set_cancel(self, slot: int, flag: bool) -> None:
         """Set or clear the cancel flag that the job on ``slot`` polls."""
         self.array[slot].cancel = 1 if flag else 0
+
+    def set_run_deadline(self, slot: int, deadline: float) -> None:
+        """Set the time.monotonic() after which the job on ``slot`` must stop (0 clears it).
+
+        One aligned 8-byte store, which the worker reads without the seqlock.
+        """
+        self.array[slot].run_deadline = deadline
 
     def is_cancel_set(self, slot: int) -> bool:
         """Return whether the cancel flag of ``slot`` is set."""

@@ -184,6 +184,8 @@ def _validate_submission(
         params_json = payloads.canonical(validated)
     except payloads.PayloadError as error:
         raise InvalidRequest(f"invalid parameters at {error.path}: {error.reason}", field="params") from None
+    except (ValueError, RecursionError) as error:  # e.g. an integer of more than 4300 digits
+        raise InvalidRequest(f"invalid parameters: {error}", field="params") from None
     size = len(params_json.encode())
     if size > max_params_bytes:
         raise InvalidRequest(
@@ -236,12 +238,16 @@ def submit(
         analysis_name, params if params is not None else {}, user, key, priority, max_attempts, max_params_bytes
     )
     timeout = timeout_seconds if timeout_seconds is not None else analysis.timeout_seconds
-    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= 7 * 24 * 3600):
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout <= 7 * 24 * 3600):
         raise InvalidRequest(f"invalid timeout_seconds {timeout!r}: must be between 0 and 604800",
                              field="timeout_seconds")
 
     if start_by is not None and (not isinstance(start_by, dt.datetime) or start_by.tzinfo is None):
         raise InvalidRequest(f"invalid start_by {start_by!r}: must be a timezone-aware datetime",
+                             field="start_by")
+    if start_by is not None and start_by.year > 9000:
+        raise InvalidRequest(f"invalid start_by {start_by.isoformat()}: must be before the year 9000",
                              field="start_by")
 
     with _transaction(bind) as connection:

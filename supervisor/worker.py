@@ -48,6 +48,10 @@ EXIT_START_FAILED = 3
 # The worker exits with this code when its lifeline pipe reports that the
 # supervisor is gone.
 EXIT_SUPERVISOR_GONE = 75
+# The run's lease deadline passed without renewal: see WorkerPool.set_run_deadline.
+EXIT_LEASE_DEADLINE = 76
+# How often the lifeline thread checks the run deadline, in seconds.
+DEADLINE_CHECK_SECONDS = 0.5
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -183,12 +187,21 @@ def kill_process_groups(pgids: list[int], signal_number: int) -> None:
 
 def _watch_lifeline(lifeline: Connection, writer: SlotWriter) -> None:
     # Only the supervisor has the write end and never writes to it, so the
-    # read returns only when the supervisor closed it or died.
+    # pipe becomes readable only when the supervisor closed it or died.
+    # time.monotonic() is one system-wide clock on Linux and macOS, so the
+    # supervisor's deadline compares with it directly.
     while True:
         try:
-            lifeline.recv_bytes()
+            if lifeline.poll(DEADLINE_CHECK_SECONDS):
+                lifeline.recv_bytes()
+                continue
         except (EOFError, OSError):
             break
+        record = writer.record
+        deadline = record.run_deadline
+        if record.job_id and deadline and time.monotonic() > deadline:
+            kill_process_groups(writer.process_groups, signal.SIGKILL)
+            os._exit(EXIT_LEASE_DEADLINE)
     kill_process_groups(writer.process_groups, signal.SIGKILL)
     os._exit(EXIT_SUPERVISOR_GONE)
 

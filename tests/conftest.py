@@ -23,6 +23,11 @@ from supervisor import config, db, embedded
 
 TABLES = ("job_results", "job_events", "jobs", "supervisors", "readings")
 
+# The noop analysis's fault-injection parameters (shell commands, run logs,
+# abrupt exits) are what these tests exercise; supervisors and workers they
+# start inherit this.
+os.environ.setdefault("ANALYSIS_ALLOW_FAULT_INJECTION", "1")
+
 
 def _server_url() -> str:
     raw = os.environ.get("ANALYSIS_DATABASE_URL")

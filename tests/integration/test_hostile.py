@@ -228,9 +228,6 @@ def test_cli_injection_text_stored_verbatim(cli, engine):
     assert f'"id": {job.id}' in listed.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="cli/params.py parse_document and parse_value do not catch the "
-                                       "RecursionError that json.loads raises on deeply nested JSON, so "
-                                       "submit exits 1 with a traceback instead of 4")
 @pytest.mark.parametrize("option", ["--params", "--param", "--params-file"])
 def test_cli_deeply_nested_json_exits_4(cli, engine, tmp_path, option):
     nested = "[" * 5000 + "]" * 5000
@@ -248,9 +245,6 @@ def test_cli_deeply_nested_json_exits_4(cli, engine, tmp_path, option):
     assert count(engine) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="store.submit does not check that start_by fits a Python datetime: "
-                                       "Postgres stores year 10000, psycopg cannot read it back, and the "
-                                       "DataError escapes as exit 1 with a traceback instead of exit 4")
 def test_cli_start_by_after_year_9999_exits_4(cli, engine):
     result = cli("submit", "noop", "--start-by", "9999-12-31T23:59:59-14:00")
 
@@ -259,8 +253,6 @@ def test_cli_start_by_after_year_9999_exits_4(cli, engine):
     assert count(engine) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="cli/jobs.py submit passes `user or current_user()`, so an explicit "
-                                       "empty --user is replaced by the login name instead of rejected")
 def test_cli_empty_user_rejected(cli, engine):
     result = cli("submit", "noop", "--user", "")
 
@@ -314,9 +306,6 @@ def test_api_hostile_submit_rejected(engine, analysis, params, options, field):
     assert count(engine, "job_events") == 0
 
 
-@pytest.mark.xfail(strict=True, raises=sa.exc.ProgrammingError,
-                   reason="store.submit accepts bool as timeout_seconds (bool is an int), and Postgres "
-                          "then rejects a boolean for a double precision column")
 def test_api_boolean_timeout_is_invalid_request(engine):
     with pytest.raises(InvalidRequest) as raised:
         store.submit(engine, "noop", {}, user="mallory", timeout_seconds=True)
@@ -324,9 +313,6 @@ def test_api_boolean_timeout_is_invalid_request(engine):
     assert raised.value.field == "timeout_seconds"
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="payloads.canonical lets the ValueError of json.dumps escape for an integer over "
-                          "4300 digits; _validate_submission catches only PayloadError")
 def test_api_huge_integer_is_invalid_request(engine):
     with pytest.raises(InvalidRequest) as raised:
         store.submit(engine, "noop", {"result": 10**5000}, user="mallory")
@@ -335,10 +321,6 @@ def test_api_huge_integer_is_invalid_request(engine):
     assert count(engine) == 0
 
 
-@pytest.mark.xfail(strict=True, raises=InvalidParams,
-                   reason="analyses/data.py format_timestamp writes strftime('%Y'), which glibc does not "
-                          "zero-pad: start 0999-01-01 is stored as '999-01-01T00:00:00Z', which the "
-                          "worker's second validation rejects, so an accepted job fails invalid_params")
 def test_early_start_survives_worker_validation(engine):
     job = store.submit(engine, "relationship-matrix", {"start": "0999-01-01T00:00:00Z"}, user="mallory").job
 
@@ -362,10 +344,6 @@ def run_in_process(tmp_path):
     return run
 
 
-@pytest.mark.xfail(strict=True, reason="analyses/data.py read_csv quotes the file's first line in its "
-                                       "error, and csv_path may name any file the worker can read (also "
-                                       "/proc/self/environ, which holds ANALYSIS_DATABASE_URL), so any "
-                                       "submitter reads it back from the job's error")
 def test_csv_error_hides_file_content(engine, run_in_process, tmp_path):
     secret = tmp_path / "secret.conf"
     secret.write_text("db_password=hunter2\n")
@@ -378,9 +356,6 @@ def test_csv_error_hides_file_content(engine, run_in_process, tmp_path):
     assert "hunter2" not in outcome["error"]["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="cli/jobs.py _print_status prints the job's error message raw, so "
-                                       "control characters from a submitter's parameters (here csv_path) "
-                                       "reach the operator's terminal as escape sequences")
 def test_status_text_escapes_control_characters(cli, engine, run_in_process, tmp_path):
     # OSC 0 sets the terminal title. Off a terminal click strips CSI sequences, but not OSC ones.
     path = tmp_path / "x\x1b]0;owned\x07.csv"
@@ -511,9 +486,6 @@ def test_worker_stopped_mid_send_keeps_leases(engine, start_supervisor, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="workers do not stop when their supervisor stops renewing leases "
-                                       "(SIGSTOP, VM pause), so after lease recovery two runs of one job "
-                                       "execute at once; tokens only stop the stale run's database writes")
 def test_stopped_supervisor_run_is_fenced(engine, start_supervisor, tmp_path):
     first = start_supervisor(workers=1)
     run_log = tmp_path / "runs.log"

@@ -270,3 +270,16 @@ def test_timeout_fails_job_with_timeout_code(engine, start_supervisor):
     job = wait_for_status(engine, job_id, "failed", timeout=20)
 
     assert job.error["code"] == "timeout"
+
+
+def test_fault_injection_disabled_by_default(engine, start_supervisor, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANALYSIS_ALLOW_FAULT_INJECTION", "0")
+    start_supervisor(workers=1)
+    job_id = submit(engine, steps=1, spawn_child=f"touch {tmp_path / 'ran'}")
+
+    job = wait_for_status(engine, job_id, {"failed", "succeeded"})
+
+    assert job.status == "failed"
+    assert job.error["code"] == "invalid_params"
+    assert "ANALYSIS_ALLOW_FAULT_INJECTION=1" in job.error["message"]
+    assert not (tmp_path / "ran").exists()
