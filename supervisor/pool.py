@@ -35,11 +35,15 @@ outcome would block ``wait`` until it resumes or dies.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
+import glob
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
+import tempfile
 import threading
 import time
 import weakref
@@ -51,7 +55,7 @@ from supervisor import progress
 from supervisor.pool_state import (Outcome, Run, Slot, Task, Termination, WorkerHandle, describe_exit,
                                    exit_details, reemit_log, spawn_worker, terminated_outcome,
                                    worker_died_outcome)
-from supervisor.worker import WorkerConfig, kill_process_groups
+from supervisor.worker import SPOOL_PREFIX, WorkerConfig, kill_process_groups
 
 __all__ = ["Outcome", "Task", "WorkerPool"]
 
@@ -402,6 +406,15 @@ class WorkerPool:
 
     def _on_message(self, slot: Slot, kind: str, payload: Any) -> None:
         worker = slot.worker
+        if kind == "spooled":
+            # A large message, written to a file by the worker; see worker._Sender.send.
+            path = payload
+            try:
+                with open(path, "rb") as spool:
+                    kind, payload = pickle.loads(spool.read())
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         if kind == "log":
             reemit_log(slot.index, worker.pid, payload)
         elif kind == "outcome":
@@ -447,6 +460,7 @@ class WorkerPool:
         if exit_code is not None:
             worker.process.close()
         kill_process_groups(self._records.process_groups(slot.index), signal.SIGKILL)
+        remove_spool_files(worker.pid)
         slot.worker = None
         details = exit_details(exit_code)
         extra = {"slot": slot.index, "pid": worker.pid, **details}
@@ -567,3 +581,10 @@ class WorkerPool:
                        extra={"event": "job_killed", "slot": slot.index, "pid": worker.pid})
         kill_process_groups(self._records.process_groups(slot.index), signal.SIGKILL)
         worker.process.kill()
+
+
+def remove_spool_files(pid: int) -> None:
+    """Delete the spool files a dead worker left half written."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{SPOOL_PREFIX}{pid}-*.pickle")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

@@ -22,6 +22,7 @@ import os
 import pickle
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -48,6 +49,13 @@ EXIT_START_FAILED = 3
 # The worker exits with this code when its lifeline pipe reports that the
 # supervisor is gone.
 EXIT_SUPERVISOR_GONE = 75
+# Messages up to this size are written to the pipe directly; the kernel's
+# socket buffer (typically 200 KiB or more on Linux, 8 KiB or more on macOS)
+# then takes them in one write. Larger ones are spooled to a file.
+SPOOL_BYTES = 8 * 1024
+# Spool files are named after the worker's pid, so the pool can delete those
+# of a worker that died while writing one.
+SPOOL_PREFIX = "analysis-outcome-"
 # The run's lease deadline passed without renewal: see WorkerPool.set_run_deadline.
 EXIT_LEASE_DEADLINE = 76
 # How often the lifeline thread checks the run deadline, in seconds.
@@ -82,11 +90,28 @@ class _Sender:
         self._lock = threading.Lock()
 
     def send(self, message: tuple[str, Any]) -> None:
-        """Pickle ``message`` and write it; pickling errors leave the pipe untouched."""
+        """Pickle ``message`` and write it; pickling errors leave the pipe untouched.
+
+        A message larger than ``SPOOL_BYTES`` goes through a temporary file,
+        and the pipe carries only the file's path. The supervisor reads each
+        message whole, so a worker stopped halfway through writing a large
+        one would otherwise block the supervisor, and with it the heartbeat
+        of every other job.
+        """
         # Pickling outside the lock keeps a large outcome from delaying log records.
         data = ForkingPickler.dumps(message)
+        if len(data) > SPOOL_BYTES:
+            data = ForkingPickler.dumps(("spooled", _spool(data)))
         with self._lock:
             self._conn.send_bytes(data)
+
+
+def _spool(data: bytes) -> str:
+    """Write ``data`` to a new temporary file and return its path; the reader deletes it."""
+    descriptor, path = tempfile.mkstemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", suffix=".pickle")
+    with os.fdopen(descriptor, "wb") as spool:
+        spool.write(data)
+    return path
 
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.

@@ -456,10 +456,6 @@ def test_double_sigterm_forced_exit_recovers(engine, start_supervisor, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.xfail(strict=True, reason="WorkerPool._read_messages reads a whole message with a blocking "
-                                       "recv: a worker stopped mid-send blocks the supervisor's main loop, "
-                                       "so its heartbeat stops, its leases expire and another supervisor "
-                                       "starts its other jobs while their first runs continue")
 def test_worker_stopped_mid_send_keeps_leases(engine, start_supervisor, tmp_path):
     first = start_supervisor(workers=2)
     neighbour_log = tmp_path / "neighbour.log"

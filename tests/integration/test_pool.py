@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import glob
 import logging
 import math
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import tempfile
 import time
 
 import psutil
@@ -295,16 +297,19 @@ def test_kill_during_large_send(pool, tmp_path):
     pool.dispatch(0, make_task(1, tmp_path, steps=1, result={"text": "x" * (50 * 1024 * 1024)}))
     pool.dispatch(1, make_task(2, tmp_path, steps=200, step_seconds=0.01))
     victim = pool.running()[1][2]
-    # Nothing reads the pipe now, so the worker blocks once the pipe buffer is full.
-    time.sleep(3.0)
-    assert psutil.Process(victim).status() != psutil.STATUS_ZOMBIE
+    # A large outcome goes through a spool file; kill the worker while it pickles or writes it.
+    wait_until(None, lambda: glob.glob(os.path.join(tempfile.gettempdir(), f"analysis-outcome-{victim}-*")),
+               30, "the spool file to appear")
 
     os.kill(victim, signal.SIGKILL)
     outcomes = collect(pool, [1, 2], timeout=60.0)
 
-    assert outcomes[1].error["code"] == "worker_died"
-    assert outcomes[1].error["details"] == {"signal": "SIGKILL"}
+    assert outcomes[1].status in ("succeeded", "failed")
+    if outcomes[1].status == "failed":
+        assert outcomes[1].error["code"] == "worker_died"
+        assert outcomes[1].error["details"] == {"signal": "SIGKILL"}
     assert outcomes[2].status == "succeeded"
+    assert glob.glob(os.path.join(tempfile.gettempdir(), f"analysis-outcome-{victim}-*")) == []
 
 
 def test_worker_recycled_after_max_jobs(tmp_path, caplog):
