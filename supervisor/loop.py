@@ -128,6 +128,8 @@ class Supervisor:
         self.pending: list[tuple[Run, Outcome]] = []
         # time.monotonic() when the oldest pending outcome arrived.
         self.pending_since: float | None = None
+        # (job id, token) of runs handed to a worker since the last write.
+        self.dispatched: list[tuple[int, uuid.UUID]] = []
         self.stopping = False
         self.forced = False
         self.wake_claim = True
@@ -269,6 +271,10 @@ class Supervisor:
         self.write_progress(now)
 
     def next_wake(self, now: float) -> float:
+        if self.dispatched and not self.is_write_deferrable():
+            # Record the starts at once: until then a crash would give those
+            # runs their attempt back although their bodies ran.
+            return 0.0
         wake = min(self.next_poll, self.next_heartbeat, now + self.settings.progress_interval_seconds)
         if self.pending_since is not None:
             wake = min(wake, self.pending_since + OUTCOME_DELAY_SECONDS)
@@ -311,7 +317,7 @@ class Supervisor:
         for the outcomes to be written.
         """
         limit = self.claim_limit() if self.wake_claim else 0
-        if not self.pending and limit == 0:
+        if not self.pending and not self.dispatched and limit == 0:
             return
         if self.is_write_deferrable():
             return
@@ -319,9 +325,12 @@ class Supervisor:
             self.claim(limit, connection=None)
             limit = 0
         with self.engine.begin() as connection:
+            # Before the outcomes: a run may have started and ended since the last write.
+            runs.mark_started(connection, self.dispatched)
             self.flush_pending(connection)
             if limit:
                 self.claim(limit, connection)
+        self.dispatched.clear()
         self.pending.clear()
         self.pending_since = None
         self.dispatch_ready()
@@ -368,6 +377,7 @@ class Supervisor:
                         analysis=run.job.analysis, params=run.job.params, results_dir=str(self.results_dir),
                         database_url=self.database_url)
             self.pool.dispatch(slot, task)
+            self.dispatched.append((run.job.id, run.token))
             self.pool.set_run_deadline(run.job.id, str(run.token), run.fence_deadline)
 
     def release_ready(self, *, reason: str, older_than: float | None) -> None:
@@ -480,7 +490,9 @@ class Supervisor:
     def write_pending(self) -> None:
         try:
             with self.engine.begin() as connection:
+                runs.mark_started(connection, self.dispatched)
                 self.flush_pending(connection)
+            self.dispatched.clear()
             self.pending.clear()
             self.pending_since = None
         except sa.exc.OperationalError as error:

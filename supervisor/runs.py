@@ -124,7 +124,7 @@ _CLAIM = sa.text(
         UPDATE jobs SET
             status = 'running', attempt = jobs.attempt + 1, attempt_token = gen_random_uuid(),
             lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :lease),
-            started_at = now(), updated_at = now(), event_seq = jobs.event_seq + 1,
+            started_at = NULL, updated_at = now(), event_seq = jobs.event_seq + 1,
             progress_phase = NULL, progress_completed = NULL, progress_total = NULL,
             progress_message = NULL, progress_rate = NULL, progress_eta_seconds = NULL,
             progress_updated_at = NULL
@@ -159,6 +159,25 @@ def claim_jobs(bind: Bind, supervisor_id: uuid.UUID, limit: int, *, lease_second
              "sources": sources(Status.RUNNING), "channel": CHANGES_CHANNEL},
         ).all()
         return [Job.from_row(row) for row in rows]
+
+
+def mark_started(bind: Bind, started: Sequence[tuple[int, uuid.UUID]]) -> None:
+    """Record that these runs (job id, attempt token) were handed to a worker.
+
+    A claimed job may wait in a supervisor's prefetch queue before it starts.
+    Lease recovery gives the attempt back to a run that never started, so a
+    supervisor that dies holding prefetched jobs costs them no attempt.
+    """
+    if not started:
+        return
+    with _transaction(bind) as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE jobs SET started_at = now() FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS uuid[])) "
+                "AS t(id, token) WHERE jobs.id = t.id AND jobs.attempt_token = t.token AND jobs.status = 'running'"
+            ),
+            {"ids": [job_id for job_id, _ in started], "tokens": [token for _, token in started]},
+        )
 
 
 # Progress ----------------------------------------------------------------

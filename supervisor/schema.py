@@ -38,7 +38,9 @@ jobs = sa.Table(
     sa.Column("submitted_by", sa.Text, nullable=False),
     sa.Column("created_at", TS, nullable=False, server_default=NOW),
     sa.Column("updated_at", TS, nullable=False, server_default=NOW),
-    # Set by the latest claim; kept after the job finishes.
+    # When the latest attempt reached a worker process (written with the
+    # supervisor's next batch); NULL while a claimed job waits in a
+    # supervisor's prefetch queue. Kept after the job finishes.
     sa.Column("started_at", TS),
     sa.Column("finished_at", TS),
     # Incremented by each claim; a shutdown requeue gives the attempt back.

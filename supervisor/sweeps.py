@@ -38,15 +38,22 @@ _RECOVER = sa.text(
     ), changed AS (
         UPDATE jobs SET
             status = CASE WHEN jobs.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                          WHEN jobs.attempt < jobs.max_attempts THEN 'queued' ELSE 'failed' END,
-            finished_at = CASE WHEN jobs.cancel_requested_at IS NULL AND jobs.attempt < jobs.max_attempts
+                          WHEN jobs.attempt < jobs.max_attempts OR jobs.started_at IS NULL THEN 'queued'
+                          ELSE 'failed' END,
+            finished_at = CASE WHEN jobs.cancel_requested_at IS NULL
+                                    AND (jobs.attempt < jobs.max_attempts OR jobs.started_at IS NULL)
                                THEN NULL ELSE now() END,
+            -- A run that never reached a worker (it waited in a prefetch
+            -- queue) gives its attempt back.
+            attempt = CASE WHEN jobs.started_at IS NULL AND jobs.cancel_requested_at IS NULL
+                           THEN jobs.attempt - 1 ELSE jobs.attempt END,
             run_after = now(),
             error = jsonb_build_object(
                 'code', 'lease_expired',
                 'message', 'the supervisor running this job stopped renewing its lease',
                 'details', jsonb_build_object('supervisor', jobs.lease_owner,
-                                              'lease_expired_at', jobs.lease_expires_at),
+                                              'lease_expired_at', jobs.lease_expires_at,
+                                              'started', jobs.started_at IS NOT NULL),
                 'attempt', jobs.attempt, 'at', now()),
             lease_owner = NULL, lease_expires_at = NULL, attempt_token = NULL,
             updated_at = now(), event_seq = jobs.event_seq + 1

@@ -78,7 +78,9 @@ def submit(engine, **params) -> store.Job:
 
 
 def claim(engine) -> store.Job:
+    """Claim one job and record its start, as a supervisor does when it hands the job to a worker."""
     (job,) = runs.claim_jobs(engine, OWNER, 1, lease_seconds=30)
+    runs.mark_started(engine, [(job.id, job.attempt_token)])
     return job
 
 

@@ -398,9 +398,6 @@ def test_parallel_cli_submits_share_one_job(engine, database_url, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the supervisor claims prefetched jobs with attempt + 1; when it dies "
-                                       "before dispatching them, lease recovery spends that attempt, so a job "
-                                       "with max_attempts=1 fails lease_expired without its body ever running")
 def test_prefetched_job_keeps_attempt_on_kill(engine, start_supervisor, tmp_path):
     supervisor = start_supervisor(workers=1)
     # Short runs make the supervisor prefetch while its one slot is busy.

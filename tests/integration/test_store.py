@@ -316,6 +316,7 @@ def test_recover_expired_lease_requeues_then_fails(engine):
     job_id = store.submit(engine, "noop", {}, user="alice", max_attempts=2).job.id
     for expected in ("queued", "failed"):
         [run] = runs.claim_jobs(engine, OWNER, 1, lease_seconds=30)
+        runs.mark_started(engine, [(job_id, run.attempt_token)])
         expire_lease(engine, job_id)
 
         [recovered] = sweeps.recover_expired_leases(engine)
@@ -410,3 +411,16 @@ def test_list_jobs_filters(engine):
     assert len(store.list_jobs(engine, analysis="noop")) == 2
     with pytest.raises(InvalidRequest):
         store.list_jobs(engine, status="sleeping")
+
+
+def test_recover_unstarted_run_gives_attempt_back(engine):
+    job_id = store.submit(engine, "noop", {}, user="alice", max_attempts=1).job.id
+    runs.claim_jobs(engine, OWNER, 1, lease_seconds=30)
+    expire_lease(engine, job_id)
+
+    [recovered] = sweeps.recover_expired_leases(engine)
+
+    job = store.get_job(engine, job_id)
+    assert recovered.status == "queued"
+    assert job.attempt == 0
+    assert job.error["details"]["started"] is False

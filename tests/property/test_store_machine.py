@@ -75,6 +75,8 @@ class ModelJob:
     token: uuid.UUID | None = None
     owner: uuid.UUID | None = None
     cancel_requested: bool = False
+    # Whether the current run reached a worker (runs.mark_started).
+    started: bool = False
     # Set by rules that move a deadline into the past with SQL.
     start_by_passed: bool = False
     results_due: bool = False
@@ -172,8 +174,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.jobs[result.job.id] = ModelJob(result.job.id, key, priority, max_attempts)
 
     @precondition(has_queued)
-    @rule(supervisor=st.sampled_from(SUPERVISORS), limit=st.integers(1, 4))
-    def claim(self, supervisor, limit):
+    @rule(supervisor=st.sampled_from(SUPERVISORS), limit=st.integers(1, 4), started=st.booleans())
+    def claim(self, supervisor, limit, started):
         claimable = [
             job for job in self.jobs_in(Status.QUEUED)
             if not job.cancel_requested and not job.start_by_passed
@@ -191,7 +193,10 @@ class StoreMachine(RuleBasedStateMachine):
             job.attempt += 1
             job.token = row.attempt_token
             job.owner = supervisor
+            job.started = started
             job.events.append("claimed")
+        if started:
+            runs.mark_started(self.engine, [(row.id, row.attempt_token) for row in claimed])
 
     # Writes of a current run ---------------------------------------------
 
@@ -320,10 +325,12 @@ class StoreMachine(RuleBasedStateMachine):
         self.set_in_past(job.id, "lease_expires_at")
         if job.cancel_requested:
             expected = Status.CANCELLED
-        elif job.attempt < job.max_attempts:
+        elif job.attempt < job.max_attempts or not job.started:
             expected = Status.QUEUED
         else:
             expected = Status.FAILED
+        if not job.started and not job.cancel_requested:
+            job.attempt -= 1  # a run that never reached a worker gives its attempt back
         owner = job.owner
 
         recovered = sweeps.recover_expired_leases(self.engine)
