@@ -18,8 +18,8 @@ Scenarios, with the sizes of a full run (``--quick`` uses fewer jobs and samples
 
 drain
     5,000 noop jobs (steps=0) inserted with one INSERT ... SELECT, 5 runs.
-    jobs/s = jobs / (max(finished_at) - min(started_at)), both server
-    timestamps. The CPU seconds of the supervisor process, its workers and
+    jobs/s = jobs / (last finished_at - first claim), both server
+    timestamps; the claim time is the created_at of the job's "claimed" event. The CPU seconds of the supervisor process, its workers and
     the Postgres backends serving it are sampled around each run.
 pickup
     An idle supervisor, one noop (steps=1) submitted with ``store.submit``,
@@ -513,7 +513,8 @@ def drain_once(engine: sa.Engine, supervisor: SupervisorProcess, jobs: int) -> d
     with engine.connect() as connection:
         row = connection.execute(sa.text(
             "SELECT count(*) AS jobs, count(*) FILTER (WHERE status <> 'succeeded') AS not_succeeded, "
-            "min(started_at) AS first_claim, max(finished_at) AS last_finish FROM jobs"
+            "(SELECT min(created_at) FROM job_events WHERE kind = 'claimed') AS first_claim, "
+            "max(finished_at) AS last_finish FROM jobs"
         )).mappings().one()
     seconds = epoch(row["last_finish"]) - epoch(row["first_claim"])
     return {"jobs": row["jobs"], "not_succeeded": row["not_succeeded"], "seconds": seconds,
@@ -587,6 +588,19 @@ def profile_rows(stats: pstats.Stats, column: int, count: int) -> list[str]:
 # 2. Pick-up latency ---------------------------------------------------------
 
 
+def claim_time(engine: sa.Engine, job_id: int):
+    """Return the server time of the job's latest claim (its "claimed" event).
+
+    ``jobs.started_at`` is recorded later, once the supervisor has handed the
+    job to a worker, so it does not mark the claim.
+    """
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.text("SELECT max(created_at) FROM job_events WHERE job_id = :id AND kind = 'claimed'"),
+            {"id": job_id},
+        ).scalar_one()
+
+
 def run_pickup(engine: sa.Engine, database_url: str, work_dir: Path, sizes: Sizes) -> Result:
     details: list[str] = []
     pipe = RunLogPipe(work_dir)
@@ -597,7 +611,7 @@ def run_pickup(engine: sa.Engine, database_url: str, work_dir: Path, sizes: Size
         committed = time.time()
         started = pipe.wait(job.id, "start", timeout=30)
         pipe.wait(job.id, "end", timeout=30)
-        claimed = epoch(store.get_job(engine, job.id).started_at)
+        claimed = epoch(claim_time(engine, job.id))
         return (started - committed, claimed - committed), committed, started
 
     try:
@@ -645,7 +659,7 @@ def run_makespan(engine: sa.Engine, database_url: str, work_dir: Path, sizes: Si
         rows = [wait_for_status(engine, job_id, {"succeeded", "failed", "cancelled"}, timeout=60) for job_id in ids]
         if any(row["status"] != "succeeded" for row in rows):
             raise RuntimeError(f"not all {CPU_JOBS} CPU jobs succeeded: {[row['status'] for row in rows]}")
-        first_claim = min(epoch(row["started_at"]) for row in rows)
+        first_claim = min(epoch(claim_time(engine, row["id"])) for row in rows)
         last_finish = max(epoch(row["finished_at"]) for row in rows)
         ratio = (last_finish - committed) / ideal
         log(f"makespan run: ratio {ratio:.4f}")
