@@ -28,7 +28,6 @@ from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from analyses import registry
-from analyses.errors import InvalidParams
 from cli.main import app
 from supervisor import runs, store, sweeps
 from supervisor.errors import InvalidRequest
@@ -36,7 +35,6 @@ from supervisor.listener import libpq_url
 from supervisor.progress import ProgressRecords, SlotWriter
 from supervisor.worker import ParentDeathSignal, run_task
 from tests.integration.supervisor_harness import (
-    SupervisorProcess,
     pid_exists,
     read_run_log,
     wait_for,
@@ -64,35 +62,6 @@ def cli(engine, database_url, tmp_path):
         return runner.invoke(app, list(args))
 
     return invoke
-
-
-@pytest.fixture
-def start_supervisor(engine, database_url, tmp_path):
-    """Start supervisors on this test's data folder, and resume and stop them at the end."""
-    started: list[SupervisorProcess] = []
-
-    def start(workers: int = 2, **settings) -> SupervisorProcess:
-        log_path = tmp_path / f"supervisor-{len(started)}.log"
-        process = SupervisorProcess(database_url, tmp_path / "data", workers, log_path, **settings)
-        started.append(process)
-        process.wait_ready(engine)
-        return process
-
-    yield start
-    for process in started:
-        workers = process.worker_pids()
-        for pid in [process.pid, *workers]:
-            resume(pid)
-        process.stop()
-        for pid in workers:
-            wait_for(lambda pid=pid: not pid_exists(pid), 10, f"worker {pid} to exit")
-
-
-def resume(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGCONT)
-    except ProcessLookupError:
-        pass
 
 
 def count(engine, table: str = "jobs") -> int:

@@ -16,7 +16,6 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from alembic.util.exc import CommandError
 
 from supervisor import config, db, schema, store
 from supervisor.errors import DatabaseUnavailable, SchemaOutOfDate

@@ -12,12 +12,10 @@ import time
 import psutil
 import psycopg
 import pytest
-import sqlalchemy as sa
 
 from supervisor import store
 from supervisor.listener import libpq_url
 from tests.integration.supervisor_harness import (
-    SupervisorProcess,
     pid_exists,
     read_run_log,
     wait_for,
@@ -25,25 +23,6 @@ from tests.integration.supervisor_harness import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def start_supervisor(engine, database_url, tmp_path):
-    started: list[SupervisorProcess] = []
-
-    def start(workers: int = 2, **settings) -> SupervisorProcess:
-        log_path = tmp_path / f"supervisor-{len(started)}.log"
-        process = SupervisorProcess(database_url, tmp_path / "data", workers, log_path, **settings)
-        started.append(process)
-        process.wait_ready(engine)
-        return process
-
-    yield start
-    for process in started:
-        workers = process.worker_pids()
-        process.stop()
-        for pid in workers:
-            wait_for(lambda pid=pid: not pid_exists(pid), 10, f"worker {pid} to exit")
 
 
 def submit(engine, **params) -> int:
