@@ -65,7 +65,7 @@ THROTTLE_SECONDS = 2.0
 # nothing and would only hold work another supervisor could start. A
 # prefetched job not started within PREFETCH_HOLD_SECONDS is handed back.
 PREFETCH_WORK_SECONDS = 0.05
-PREFETCH_MAX_PER_SLOT = 16
+PREFETCH_MAX_PER_SLOT = 32
 PREFETCH_HOLD_SECONDS = 2.0
 # Progress writes are due every progress interval. A pass that comes this
 # much early still writes, so timer jitter cannot delay a write by a whole
@@ -76,6 +76,11 @@ PROGRESS_SLACK_SECONDS = 0.05
 # until OUTCOME_BATCH_MAX have arrived. Each worker then runs many jobs per
 # commit instead of one job per loop pass.
 OUTCOME_DELAY_SECONDS = 0.01
+# Starts are recorded this long after a dispatch unless another write comes
+# first. A run whose start is not recorded gets its attempt back when its
+# supervisor dies, so a longer delay would let a job that kills its
+# supervisor at once retry without end; 0 records on the next pass.
+START_RECORD_DELAY_SECONDS = 0.0
 OUTCOME_BATCH_MAX = 64
 DB_RETRY_SECONDS_MAX = 10.0
 
@@ -128,8 +133,10 @@ class Supervisor:
         self.pending: list[tuple[Run, Outcome]] = []
         # time.monotonic() when the oldest pending outcome arrived.
         self.pending_since: float | None = None
-        # (job id, token) of runs handed to a worker since the last write.
+        # (job id, token) of runs handed to a worker since the last write,
+        # and time.monotonic() of the first of them.
         self.dispatched: list[tuple[int, uuid.UUID]] = []
+        self.dispatched_since: float | None = None
         self.stopping = False
         self.forced = False
         self.wake_claim = True
@@ -271,10 +278,10 @@ class Supervisor:
         self.write_progress(now)
 
     def next_wake(self, now: float) -> float:
-        if self.dispatched and not self.is_write_deferrable():
-            # Record the starts at once: until then a crash would give those
-            # runs their attempt back although their bodies ran.
-            return 0.0
+        if self.dispatched_since is not None and not self.is_write_deferrable():
+            # Record the starts soon: until then a crash would give those runs
+            # their attempt back although their bodies ran.
+            return max(0.0, self.dispatched_since + START_RECORD_DELAY_SECONDS - now)
         wake = min(self.next_poll, self.next_heartbeat, now + self.settings.progress_interval_seconds)
         if self.pending_since is not None:
             wake = min(wake, self.pending_since + OUTCOME_DELAY_SECONDS)
@@ -317,23 +324,28 @@ class Supervisor:
         for the outcomes to be written.
         """
         limit = self.claim_limit() if self.wake_claim else 0
-        if not self.pending and not self.dispatched and limit == 0:
+        if not self.pending and limit == 0 and (
+                not self.dispatched
+                or time.monotonic() - self.dispatched_since < START_RECORD_DELAY_SECONDS):
             return
         if self.is_write_deferrable():
             return
+        claimed: list[Run] = []
         if limit and self.pending and not self.ready and self.pool.free_slots():
-            self.claim(limit, connection=None)
+            claimed = self.claim(limit, connection=None)
             limit = 0
         with self.engine.begin() as connection:
             # Before the outcomes: a run may have started and ended since the last write.
             runs.mark_started(connection, self.dispatched)
             self.flush_pending(connection)
             if limit:
-                self.claim(limit, connection)
+                claimed = self.claim(limit, connection)
         self.dispatched.clear()
+        self.dispatched_since = None
         self.pending.clear()
         self.pending_since = None
         self.dispatch_ready()
+        self.log_claimed(claimed)
 
     def is_write_deferrable(self) -> bool:
         """Return whether pending outcomes may wait for a bigger batch.
@@ -349,19 +361,32 @@ class Supervisor:
             return False
         return len(self.ready) >= self.slots
 
-    def claim(self, limit: int, connection: sa.Connection | None) -> None:
-        """Claim up to ``limit`` jobs into the prefetch queue and dispatch what fits."""
-        jobs = runs.claim_jobs(connection or self.engine, self.id, limit, lease_seconds=self.settings.lease_seconds)
+    def claim(self, limit: int, connection: sa.Connection | None) -> list[Run]:
+        """Claim up to ``limit`` jobs into the prefetch queue; without ``connection``, also dispatch.
+
+        The caller logs the returned runs, after dispatching, so logging does
+        not delay a job's start.
+        """
+        # Jobs that go straight to idle workers get their start recorded by the claim itself.
+        starting = max(0, len(self.pool.free_slots()) - len(self.ready))
+        jobs = runs.claim_jobs(connection or self.engine, self.id, limit, lease_seconds=self.settings.lease_seconds,
+                               starting=starting)
         # A full batch suggests more is queued: claim again on the next pass.
         self.wake_claim = len(jobs) == limit
         claimed_at = time.monotonic()
+        claimed = []
         for job in jobs:
             run = Run(job=job, slot=None, started=None, fence_deadline=self.fence_deadline(claimed_at))
             self.runs[job.id] = run
             self.ready.append((run, claimed_at))
-            logger.info("job claimed", extra=self.log_extra("job_claimed", run))
+            claimed.append(run)
         if connection is None:
             self.dispatch_ready()
+        return claimed
+
+    def log_claimed(self, claimed: list[Run]) -> None:
+        for run in claimed:
+            logger.info("job claimed", extra=self.log_extra("job_claimed", run))
 
     def dispatch_ready(self) -> None:
         """Hand prefetched runs to free slots."""
@@ -377,7 +402,10 @@ class Supervisor:
                         analysis=run.job.analysis, params=run.job.params, results_dir=str(self.results_dir),
                         database_url=self.database_url)
             self.pool.dispatch(slot, task)
-            self.dispatched.append((run.job.id, run.token))
+            if run.job.started_at is None:
+                self.dispatched.append((run.job.id, run.token))
+                if self.dispatched_since is None:
+                    self.dispatched_since = time.monotonic()
             self.pool.set_run_deadline(run.job.id, str(run.token), run.fence_deadline)
 
     def release_ready(self, *, reason: str, older_than: float | None) -> None:
@@ -493,6 +521,7 @@ class Supervisor:
                 runs.mark_started(connection, self.dispatched)
                 self.flush_pending(connection)
             self.dispatched.clear()
+            self.dispatched_since = None
             self.pending.clear()
             self.pending_since = None
         except sa.exc.OperationalError as error:

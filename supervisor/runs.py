@@ -114,22 +114,26 @@ def heartbeat(
 _CLAIM = sa.text(
     """
     WITH picked AS (
-        SELECT id FROM jobs
+        SELECT id, priority FROM jobs
         WHERE status = 'queued' AND run_after <= now() AND cancel_requested_at IS NULL
           AND (start_by IS NULL OR start_by > now())
         ORDER BY priority DESC, id
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
+    ), numbered AS (
+        -- A window function cannot share a SELECT with FOR UPDATE.
+        SELECT id, row_number() OVER (ORDER BY priority DESC, id) AS position FROM picked
     ), claimed AS (
         UPDATE jobs SET
             status = 'running', attempt = jobs.attempt + 1, attempt_token = gen_random_uuid(),
             lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :lease),
-            started_at = NULL, updated_at = now(), event_seq = jobs.event_seq + 1,
+            started_at = CASE WHEN numbered.position <= :starting THEN now() END,
+            updated_at = now(), event_seq = jobs.event_seq + 1,
             progress_phase = NULL, progress_completed = NULL, progress_total = NULL,
             progress_message = NULL, progress_rate = NULL, progress_eta_seconds = NULL,
             progress_updated_at = NULL
-        FROM picked
-        WHERE jobs.id = picked.id AND jobs.status = ANY(:sources)
+        FROM numbered
+        WHERE jobs.id = numbered.id AND jobs.status = ANY(:sources)
         RETURNING jobs.*
     ), events AS (
         INSERT INTO job_events (job_id, seq, kind, payload)
@@ -144,11 +148,14 @@ _CLAIM = sa.text(
 )
 
 
-def claim_jobs(bind: Bind, supervisor_id: uuid.UUID, limit: int, *, lease_seconds: float) -> list[Job]:
-    """Claim up to ``limit`` queued jobs for a supervisor and return them as running.
+def claim_jobs(bind: Bind, supervisor_id: uuid.UUID, limit: int, *, lease_seconds: float,
+               starting: int = 0) -> list[Job]:
+    """Claim up to ``limit`` queued jobs for a supervisor and return them as running, in claim order.
 
     Rows locked by another claimer are skipped rather than waited for, and a
-    job with a cancel request is never claimed.
+    job with a cancel request is never claimed. The first ``starting`` jobs
+    are recorded as started (see ``mark_started``): the caller hands them to
+    idle workers right after the commit, which saves a write on the way.
     """
     if limit <= 0:
         return []
@@ -156,7 +163,7 @@ def claim_jobs(bind: Bind, supervisor_id: uuid.UUID, limit: int, *, lease_second
         rows = connection.execute(
             _CLAIM,
             {"limit": min(limit, MAX_CLAIM_BATCH), "owner": supervisor_id, "lease": lease_seconds,
-             "sources": sources(Status.RUNNING), "channel": CHANGES_CHANNEL},
+             "sources": sources(Status.RUNNING), "channel": CHANGES_CHANNEL, "starting": starting},
         ).all()
         return [Job.from_row(row) for row in rows]
 
