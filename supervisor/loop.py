@@ -124,12 +124,15 @@ class Supervisor:
             max_jobs_per_worker=settings.max_jobs_per_worker,
             worker_start_timeout_seconds=settings.worker_start_timeout_seconds,
         )
+
         # Every run this supervisor holds a lease on, dispatched or prefetched.
         self.runs: dict[int, Run] = {}
         # Claimed runs waiting for a slot, oldest first, with their claim time.
         self.ready: collections.deque[tuple[Run, float]] = collections.deque()
         # Moving average of recent run durations, None before the first one.
         self.recent_run_seconds: float | None = None
+
+        # Outcomes waiting to be written.
         self.pending: list[tuple[Run, Outcome]] = []
         # time.monotonic() when the oldest pending outcome arrived.
         self.pending_since: float | None = None
@@ -137,6 +140,7 @@ class Supervisor:
         # and time.monotonic() of the first of them.
         self.dispatched: list[tuple[int, uuid.UUID]] = []
         self.dispatched_since: float | None = None
+
         self.stopping = False
         self.forced = False
         self.wake_claim = True
@@ -147,6 +151,7 @@ class Supervisor:
         self.next_throttle = 0.0
         self.db_backoff = 0.0
         self.db_retry_at = 0.0
+
         # Postgres backends serving this supervisor, when the server runs on
         # this machine: their CPU is the service's own load, not pressure
         # from other programs.
@@ -155,6 +160,7 @@ class Supervisor:
             sa.event.listen(engine, "checkout", self._remember_backend)
         self.throttle = Throttle(Reader(self.own_pids), pause_cpu_percent=settings.throttle_pause_cpu_percent,
                                  resume_cpu_percent=settings.throttle_resume_cpu_percent)
+
         self.results_dir = settings.effective_results_dir
         # Passed to analyses that read sensor readings from a table; the
         # resolved URL, so it also points at an embedded server.
