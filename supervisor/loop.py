@@ -288,12 +288,17 @@ class Supervisor:
             # Record the starts soon: until then a crash would give those runs
             # their attempt back although their bodies ran.
             return max(0.0, self.dispatched_since + START_RECORD_DELAY_SECONDS - now)
-        wake = min(self.next_poll, self.next_heartbeat, now + self.settings.progress_interval_seconds)
+        interval = self.settings.progress_interval_seconds
+        wake = min(self.next_poll, self.next_heartbeat, now + interval)
         if self.pending_since is not None:
             wake = min(wake, self.pending_since + OUTCOME_DELAY_SECONDS)
         for run in self.runs.values():
             if run.stop_deadline is not None:
                 wake = min(wake, run.stop_deadline)
+            if run.slot is not None:
+                # Wake when this run's next progress write falls due, not a
+                # whole interval after whichever pass came last.
+                wake = min(wake, max(now, run.last_progress_write + interval - PROGRESS_SLACK_SECONDS))
         if self.db_retry_at > now:
             wake = max(wake, self.db_retry_at) if not self.runs else min(wake, self.db_retry_at)
         return max(0.0, min(wake - now, self.settings.poll_seconds))
@@ -631,23 +636,33 @@ class Supervisor:
             self.wake_claim = True
 
     def write_progress(self, now: float) -> None:
+        """Write the progress of each running job whose write is due and whose record changed.
+
+        A due run is checked once per interval even when nothing changed or it
+        has no record yet; ``last_progress_write`` then moves on as well, so
+        the wake-up for the next check is an interval away, never a busy loop.
+        """
+        due = [run for run in self.runs.values() if run.slot is not None and
+               now - run.last_progress_write >= self.settings.progress_interval_seconds - PROGRESS_SLACK_SECONDS]
+        if not due:
+            return
         snapshots = self.pool.read_progress()
         updates = []
         wall = time.time()
-        for job_id, snapshot in snapshots.items():
-            run = self.runs.get(job_id)
-            if run is None or snapshot.attempt != run.job.attempt:
+        for run in due:
+            snapshot = snapshots.get(run.job.id)
+            previous, run.last_progress_write = run.last_progress, now
+            if snapshot is None or snapshot.attempt != run.job.attempt:
                 continue
             key = (snapshot.phase, snapshot.completed, snapshot.total, snapshot.message)
-            if key == run.last_progress or (
-                    now - run.last_progress_write < self.settings.progress_interval_seconds - PROGRESS_SLACK_SECONDS):
+            if key == previous:
                 continue
             rate, eta = rates.estimate(snapshot.completed, snapshot.total, wall - snapshot.phase_started_at)
             phase_changed = snapshot.phase != run.last_phase
             record_event = phase_changed or now - run.last_progress_event >= PROGRESS_EVENT_SECONDS
-            updates.append(runs.ProgressUpdate(job_id, run.token, snapshot.phase or None, snapshot.completed,
+            updates.append(runs.ProgressUpdate(run.job.id, run.token, snapshot.phase or None, snapshot.completed,
                                                snapshot.total, snapshot.message or None, rate, eta, record_event))
-            run.last_progress, run.last_progress_write, run.last_phase = key, now, snapshot.phase
+            run.last_progress, run.last_phase = key, snapshot.phase
             if record_event:
                 run.last_progress_event = now
         if updates:
