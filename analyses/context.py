@@ -12,7 +12,7 @@ class Context(abc.ABC):
 
     The worker process builds one per job attempt. Progress and cancel checks
     cost a few memory operations each, so a body may call them in a tight
-    loop; it should check for cancel at least every 100 ms of work.
+    loop. It should check for cancel at least every 100 ms of work.
     """
 
     job_id: int

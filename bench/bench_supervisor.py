@@ -26,7 +26,7 @@ pickup
     200 samples after 5 discarded warm-up jobs. Latency runs from the
     return of ``submit`` (its transaction has committed) to the body's
     start. The body's start is observed through noop's ``run_log``
-    parameter pointed at a FIFO that this process holds open: the body's
+    parameter pointed at a FIFO that this process keeps open: the body's
     ``open()`` and ``write()`` of its "start" line wake this process at once,
     and the line is stamped with ``time.time()`` on arrival. That puts both
     ends on one clock. A child process writing one line this way arrived

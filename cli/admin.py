@@ -219,7 +219,7 @@ def db_url(ctx: typer.Context) -> None:
     """Print the database URL in libpq form with the password hidden.
 
     The embedded server needs no password, so ``psql "$(analysisctl db url)"``
-    connects to it; for a server that asks for one, give psql the password
+    connects to it. For a server that requires one, give psql the password
     yourself (PGPASSWORD or ~/.pgpass).
     """
     settings = load_settings(ctx)

@@ -206,7 +206,7 @@ def format_eta(view: ProgressView, status: str) -> str:
 def printable(text: str) -> str:
     """Return ``text`` with control characters escaped, safe to print on a terminal.
 
-    Job fields hold text from whoever submitted the job, and an escape
+    Job fields contain text from the submitting user, and an escape
     sequence in them could retitle or rewrite the reader's terminal.
     """
     return "".join(

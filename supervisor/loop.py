@@ -142,7 +142,6 @@ class Supervisor:
         self.dispatched_since: float | None = None
 
         self.stopping = False
-        self.forced = False
         self.wake_claim = True
         self.wake_cancel = True
         self.next_heartbeat = 0.0
@@ -206,7 +205,6 @@ class Supervisor:
     def request_stop(self, signum: int, _frame=None) -> None:
         if self.stopping:
             logger.critical("second stop signal; exiting now", extra=self.log_extra("supervisor_forced_exit"))
-            self.forced = True
             self.pool.close(grace_seconds=0)
             os._exit(EXIT_FORCED)
         logger.info("stop requested", extra=self.log_extra("supervisor_stopping", signal=signal.Signals(signum).name))
@@ -502,8 +500,11 @@ class Supervisor:
         """
         successes, others = [], []
         for run, outcome in self.pending:
-            if outcome.status == "succeeded" and run.stop_reason != "shutdown" and is_storable(outcome.summary):
-                successes.append((run, outcome))
+            document = None
+            if outcome.status == "succeeded" and run.stop_reason != "shutdown":
+                document = storable_document(outcome.summary)
+            if document is not None:
+                successes.append((run, outcome, document))
             else:
                 others.append((run, outcome))
         if successes:
@@ -519,11 +520,12 @@ class Supervisor:
                             "message": f"the result could not be stored: {error}", "details": {}}
                 runs.fail_run(connection, run.job.id, run.token, rejected, retryable=False)
 
-    def record_successes(self, connection: sa.Connection, successes: list[tuple[Run, Outcome]]) -> None:
-        batch = [runs.Success(run.job.id, run.token, outcome.summary, list(outcome.results),
-                              registry.get(run.job.analysis).results_ttl_seconds) for run, outcome in successes]
+    def record_successes(self, connection: sa.Connection, successes: list[tuple[Run, Outcome, Any]]) -> None:
+        batch = [runs.Success(run.job.id, run.token, document, list(outcome.results),
+                              registry.get(run.job.analysis).results_ttl_seconds, summary_is_document=True)
+                 for run, outcome, document in successes]
         written = runs.succeed_runs(connection, batch)
-        for run, _ in successes:
+        for run, _, _ in successes:
             self.log_finish(run, "succeeded", run.job.id in written)
 
     def write_pending(self) -> None:
@@ -639,8 +641,8 @@ class Supervisor:
         """Write the progress of each running job whose write is due and whose record changed.
 
         A due run is checked once per interval even when nothing changed or it
-        has no record yet; ``last_progress_write`` then moves on as well, so
-        the wake-up for the next check is an interval away, never a busy loop.
+        has no record yet. ``last_progress_write`` then moves on as well, so
+        the next check is an interval away and the loop never spins.
         """
         due = [run for run in self.runs.values() if run.slot is not None and
                now - run.last_progress_write >= self.settings.progress_interval_seconds - PROGRESS_SLACK_SECONDS]
@@ -669,13 +671,18 @@ class Supervisor:
             runs.record_progress(self.engine, updates)
 
 
-def is_storable(summary: Any) -> bool:
-    """Return whether a summary can be stored as JSON (after replacing non-finite numbers)."""
+def storable_document(summary: Any) -> Any:
+    """Return the summary as it will be stored, or None when it is None or cannot be stored.
+
+    The caller records those outcomes one by one, which stores a null
+    summary or fails the job with the storage error.
+    """
+    if summary is None:
+        return None
     try:
-        payloads.summary_document(summary)
+        return payloads.summary_document(summary)
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def is_local_database(url: sa.URL) -> bool:

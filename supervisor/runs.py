@@ -258,6 +258,8 @@ class Success:
     summary: Any
     results: Sequence[dict[str, Any]] = ()
     results_ttl_seconds: float | None = None
+    # True when ``summary`` already went through payloads.summary_document.
+    summary_is_document: bool = False
 
 
 _SUCCEED = sa.text(
@@ -297,7 +299,10 @@ def succeed_runs(bind: Bind, successes: Sequence[Success]) -> set[int]:
     """
     if not successes:
         return set()
-    documents = [_json(payloads.summary_document(success.summary)) for success in successes]
+    documents = [
+        _json(success.summary if success.summary_is_document else payloads.summary_document(success.summary))
+        for success in successes
+    ]
     with _transaction(bind) as connection:
         written = set(connection.execute(_SUCCEED, {
             "ids": [success.job_id for success in successes],

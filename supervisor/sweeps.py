@@ -1,6 +1,6 @@
 """Periodic store maintenance: lease recovery, deadline and results expiry, pruning.
 
-Any supervisor may run these; each statement locks the rows it changes with
+Any supervisor may run these. Each statement locks the rows it changes with
 ``FOR UPDATE SKIP LOCKED`` and handles at most ``SWEEP_BATCH`` of them, so
 two supervisors sweeping at once share the work without waiting.
 """

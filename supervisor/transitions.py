@@ -1,8 +1,10 @@
 """Job statuses and the transitions allowed between them.
 
-This table is the single source of truth: every state-changing statement in
-``supervisor.store`` builds its ``WHERE status = ANY(...)`` clause from it, so
-a transition missing here cannot happen in the database either.
+This table lists every allowed status change. The statements in
+``supervisor.store``, ``supervisor.runs`` and ``supervisor.sweeps`` check the
+current status in their WHERE clause, most through ``sources()``, and the
+unit tests and the store state machine compare every change they observe
+against this table.
 
 ::
 

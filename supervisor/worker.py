@@ -49,9 +49,9 @@ EXIT_START_FAILED = 3
 # The worker exits with this code when its lifeline pipe reports that the
 # supervisor is gone.
 EXIT_SUPERVISOR_GONE = 75
-# Messages up to this size are written to the pipe directly; the kernel's
-# socket buffer (typically 200 KiB or more on Linux, 8 KiB or more on macOS)
-# then takes them in one write. Larger ones are spooled to a file.
+# Messages up to this size are written to the pipe directly, because a Unix
+# socket buffer (an estimate: 200 KiB or more on Linux, 8 KiB or more on
+# macOS) takes them in one write. Larger ones are spooled to a file.
 SPOOL_BYTES = 8 * 1024
 # Spool files are named after the worker's pid, so the pool can delete those
 # of a worker that died while writing one.
