@@ -38,6 +38,14 @@ def _busy_wait(seconds: float) -> None:
         pass
 
 
+def _grow(ballast: list[bytearray], mib: int) -> list[bytearray]:
+    """Return ``ballast`` with ``mib`` MiB more, every page touched so it is resident, not just reserved."""
+    block = bytearray(mib * 1024 * 1024)
+    for offset in range(0, len(block), 4096):
+        block[offset] = 1
+    return [*ballast, block]
+
+
 def run_noop(params: dict[str, Any], context) -> Any:
     if os.environ.get(FAULT_INJECTION_VARIABLE) != "1":
         for name in _FAULT_PARAMS:
@@ -59,12 +67,9 @@ def run_noop(params: dict[str, Any], context) -> Any:
         # Like a body stuck where SIGTERM has no effect: only SIGKILL ends it.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    ballast = None
+    ballast: list[bytearray] = []
     if params.get("alloc_mib"):
-        # Touch every page so the memory is really resident, not just reserved.
-        ballast = bytearray(params["alloc_mib"] * 1024 * 1024)
-        for offset in range(0, len(ballast), 4096):
-            ballast[offset] = 1
+        ballast = _grow(ballast, params["alloc_mib"])
 
     steps = params["steps"]
     context.phase("steps", total=steps)
@@ -80,6 +85,8 @@ def run_noop(params: dict[str, Any], context) -> Any:
         if params.get("kill_signal") and step == params.get("exit_at", 0):
             os.kill(os.getpid(), getattr(signal, params["kill_signal"]))
             time.sleep(5)
+        if params.get("alloc_step_mib"):
+            ballast = _grow(ballast, params["alloc_step_mib"])
         if params["cpu"]:
             _busy_wait(params["step_seconds"])
         elif params["step_seconds"]:
@@ -125,6 +132,8 @@ NOOP = registry.register(
             registry.Param("exit_at", "integer", "step for exit_code and kill_signal", default=0, minimum=0),
             registry.Param("alloc_mib", "integer", "hold this much memory while running, in MiB",
                            minimum=0, maximum=65536),
+            registry.Param("alloc_step_mib", "integer", "hold this much more memory after each step, in MiB",
+                           minimum=0, maximum=4096),
             registry.Param("result", "json", "summary returned as given"),
             registry.Param("non_finite_result", "boolean",
                            "add NaN, Infinity and -Infinity to the summary (test hook)", default=False),

@@ -119,8 +119,16 @@ class Analysis:
     ``body(params, context)`` receives validated parameters and a
     ``analyses.context.Context`` and returns a JSON-serialisable summary.
     ``deduplicate`` makes a submit without an explicit key use a key derived
-    from the analysis name and canonical parameters. ``retry_codes`` lists the
-    error codes that send a job back to the queue while attempts remain.
+    from the analysis name and canonical parameters.
+
+    The run policy: ``retry_codes`` lists the error codes that send a job
+    back to the queue while attempts remain, after a delay that starts at
+    ``retry_base_seconds`` and doubles per attempt up to ``retry_max_seconds``
+    (None: the supervisor's settings), with jitter. ``crash_budget`` is how
+    many runs of one job may end with their worker killed (a crash, the
+    memory limit) before the job is quarantined, whatever attempts remain.
+    ``timeout_seconds``, ``memory_limit_mib`` and ``start_within_seconds``
+    are the defaults of a job's deadlines and memory limit.
     """
 
     name: str
@@ -130,7 +138,12 @@ class Analysis:
     deduplicate: bool = False
     max_attempts: int = 3
     retry_codes: frozenset[str] = frozenset({"worker_died", "timeout", "lease_expired"})
+    retry_base_seconds: float | None = None
+    retry_max_seconds: float | None = None
+    crash_budget: int = 3
     timeout_seconds: float | None = None
+    memory_limit_mib: int | None = None
+    start_within_seconds: float | None = None
     results_ttl_seconds: float | None = 7 * 24 * 3600
 
     def __post_init__(self) -> None:
@@ -138,6 +151,11 @@ class Analysis:
             raise ValueError(f"analysis name {self.name!r} must match {_NAME_PATTERN.pattern}")
         if self.max_attempts < 1:
             raise ValueError(f"analysis {self.name!r}: max_attempts must be >= 1")
+        if self.crash_budget < 1:
+            raise ValueError(f"analysis {self.name!r}: crash_budget must be >= 1")
+        never_retried = self.retry_codes & {"invalid_params", "cancelled", "quarantined"}
+        if never_retried:
+            raise ValueError(f"analysis {self.name!r}: {sorted(never_retried)} can never be retried")
         names = [param.name for param in self.params]
         if len(names) != len(set(names)):
             raise ValueError(f"analysis {self.name!r}: duplicate parameter names")

@@ -111,30 +111,78 @@ def heartbeat(
 # Ordering: higher priority first, then submission order.
 # NOTE: this is plain priority-then-FIFO; one user's backlog delays other
 # users' later jobs until it drains.
+# The claim query. Jobs are eligible when queued, due (run_after), not
+# cancelled and not past their start-by time. Among eligible jobs it prefers
+# the submitting user with the fewest running jobs, then the analysis with
+# the fewest, then the queue key (priority with aging, then age), and it
+# skips jobs whose user or analysis is at its limit in job_limits.
+#
+# It never scans the whole queue: a loose index scan of ix_jobs_queue finds
+# each (user, analysis) pair with queued jobs, and only the first :limit jobs
+# of each pair are candidates. "Fewest running" counts the jobs each pick
+# adds: a user's k-th candidate counts as running + k, which interleaves
+# users round-robin within one batch.
+#
+# Limits are applied in three steps: analyses already at their limit drop out,
+# then each user's candidates beyond the user's free room, then each
+# analysis's beyond its free room. A job dropped at the last step can leave
+# its user's room unused in this statement, so ``claim_jobs`` runs the
+# statement again while it reports such drops and slots remain; each run
+# takes at least one job while any eligible job fits its limits.
 _CLAIM = sa.text(
     """
-    WITH picked AS (
-        SELECT id, priority FROM jobs
-        WHERE status = 'queued' AND run_after <= now() AND cancel_requested_at IS NULL
-          AND (start_by IS NULL OR start_by > now())
-        ORDER BY priority DESC, id
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
-    ), numbered AS (
-        -- A window function cannot share a SELECT with FOR UPDATE.
-        SELECT id, row_number() OVER (ORDER BY priority DESC, id) AS position FROM picked
+    WITH RECURSIVE pairs AS (
+        (SELECT submitted_by, analysis FROM jobs WHERE status = 'queued'
+         ORDER BY submitted_by, analysis LIMIT 1)
+        UNION ALL
+        SELECT next.submitted_by, next.analysis FROM pairs CROSS JOIN LATERAL (
+            SELECT submitted_by, analysis FROM jobs
+            WHERE status = 'queued' AND (submitted_by, analysis) > (pairs.submitted_by, pairs.analysis)
+            ORDER BY submitted_by, analysis LIMIT 1
+        ) next
+    ), candidates AS (
+        SELECT c.* FROM pairs CROSS JOIN LATERAL (
+            SELECT id, submitted_by, analysis, queue_key FROM jobs
+            WHERE status = 'queued' AND submitted_by = pairs.submitted_by AND analysis = pairs.analysis
+              AND run_after <= now() AND cancel_requested_at IS NULL AND (start_by IS NULL OR start_by > now())
+            ORDER BY queue_key LIMIT :limit
+            FOR UPDATE SKIP LOCKED
+        ) c
+    ), running AS (
+        SELECT submitted_by, analysis, count(*) AS n FROM jobs WHERE status = 'running' GROUP BY 1, 2
+    ), scored AS (
+        SELECT c.*,
+               COALESCE((SELECT sum(n) FROM running r WHERE r.submitted_by = c.submitted_by), 0) AS user_running,
+               COALESCE((SELECT sum(n) FROM running r WHERE r.analysis = c.analysis), 0) AS analysis_running,
+               (SELECT max_running FROM job_limits WHERE scope = 'user' AND name IN (c.submitted_by, '*')
+                ORDER BY name = '*' LIMIT 1) AS user_limit,
+               (SELECT max_running FROM job_limits WHERE scope = 'analysis' AND name IN (c.analysis, '*')
+                ORDER BY name = '*' LIMIT 1) AS analysis_limit
+        FROM candidates c
+    ), user_ranked AS (
+        SELECT *, user_running + row_number() OVER (PARTITION BY submitted_by ORDER BY queue_key, id) AS user_load
+        FROM scored WHERE analysis_limit IS NULL OR analysis_running < analysis_limit
+    ), analysis_ranked AS (
+        SELECT *, analysis_running + row_number() OVER (
+                   PARTITION BY analysis ORDER BY user_load, queue_key, id) AS analysis_load
+        FROM user_ranked WHERE user_limit IS NULL OR user_load <= user_limit
+    ), fitting AS (
+        SELECT * FROM analysis_ranked WHERE analysis_limit IS NULL OR analysis_load <= analysis_limit
+    ), picked AS (
+        SELECT id, row_number() OVER (ORDER BY user_load, analysis_load, queue_key, id) AS position
+        FROM fitting ORDER BY position LIMIT :limit
     ), claimed AS (
         UPDATE jobs SET
             status = 'running', attempt = jobs.attempt + 1, attempt_token = gen_random_uuid(),
             lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :lease),
-            started_at = CASE WHEN numbered.position <= :starting THEN now() END,
+            started_at = CASE WHEN picked.position <= :starting THEN now() END,
             updated_at = now(), event_seq = jobs.event_seq + 1,
             progress_phase = NULL, progress_completed = NULL, progress_total = NULL,
             progress_message = NULL, progress_rate = NULL, progress_eta_seconds = NULL,
             progress_updated_at = NULL
-        FROM numbered
-        WHERE jobs.id = numbered.id AND jobs.status = ANY(:sources)
-        RETURNING jobs.*
+        FROM picked
+        WHERE jobs.id = picked.id AND jobs.status = ANY(:sources)
+        RETURNING jobs.*, picked.position
     ), events AS (
         INSERT INTO job_events (job_id, seq, kind, payload)
         SELECT id, event_seq, 'claimed',
@@ -142,30 +190,58 @@ _CLAIM = sa.text(
         FROM claimed
     )
     SELECT claimed.*,
+           (SELECT count(*) FROM analysis_ranked) > (SELECT count(*) FROM fitting) AS limited,
            pg_notify(:channel, json_build_object('kind', 'status', 'job', id, 'status', 'running')::text)
-    FROM claimed ORDER BY priority DESC, id
+    FROM claimed ORDER BY position
     """
 )
 
+# Claims that must see each other's results to keep the concurrency limits
+# across supervisors take this transaction-level advisory lock first.
+CLAIM_LOCK_KEY = 0x616A_6C6D  # "ajlm"
+
 
 def claim_jobs(bind: Bind, supervisor_id: uuid.UUID, limit: int, *, lease_seconds: float,
-               starting: int = 0) -> list[Job]:
+               starting: int = 0, serialize: bool = True) -> list[Job]:
     """Claim up to ``limit`` queued jobs for a supervisor and return them as running, in claim order.
 
     Rows locked by another claimer are skipped rather than waited for, and a
     job with a cancel request is never claimed. The first ``starting`` jobs
     are recorded as started (see ``mark_started``): the caller hands them to
     idle workers right after the commit, which saves a write on the way.
+
+    With ``serialize``, concurrent claims (from several supervisors) wait
+    for each other, so none can count another's uncommitted claims wrongly
+    and exceed a limit in job_limits. Without limits there is nothing to
+    keep, and a supervisor that knows the table is empty passes False to save
+    the round trip.
     """
     if limit <= 0:
         return []
+    claimed: list[Job] = []
     with _transaction(bind) as connection:
-        rows = connection.execute(
-            _CLAIM,
-            {"limit": min(limit, MAX_CLAIM_BATCH), "owner": supervisor_id, "lease": lease_seconds,
-             "sources": sources(Status.RUNNING), "channel": CHANGES_CHANNEL, "starting": starting},
-        ).all()
-        return [Job.from_row(row) for row in rows]
+        if serialize:
+            # A statement of its own: the claim's snapshot must be taken
+            # after the lock is granted, to see the previous holder's claims.
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
+        while len(claimed) < min(limit, MAX_CLAIM_BATCH):
+            wanted = min(limit, MAX_CLAIM_BATCH) - len(claimed)
+            rows = connection.execute(
+                _CLAIM,
+                {"limit": wanted, "owner": supervisor_id, "lease": lease_seconds,
+                 "sources": sources(Status.RUNNING), "channel": CHANGES_CHANNEL,
+                 "starting": max(0, starting - len(claimed))},
+            ).all()
+            claimed.extend(Job.from_row(row) for row in rows)
+            if not rows or not rows[0].limited:
+                break
+    return claimed
+
+
+def limits_exist(bind: Bind) -> bool:
+    """Return whether any concurrency limit is set (see ``claim_jobs``)."""
+    with _transaction(bind) as connection:
+        return connection.execute(sa.text("SELECT EXISTS (SELECT 1 FROM job_limits)")).scalar_one()
 
 
 def mark_started(bind: Bind, started: Sequence[tuple[int, uuid.UUID]]) -> None:

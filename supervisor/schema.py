@@ -73,6 +73,17 @@ jobs = sa.Table(
     sa.Column("results_expire_at", TS),
     # Sequence number of the job's latest event; events are numbered 1, 2, ...
     sa.Column("event_seq", sa.Integer, nullable=False, server_default="0"),
+    # Claim order within one user's jobs of one analysis: the submit time in
+    # epoch seconds, less store.PRIORITY_STEP_SECONDS per point of priority. A
+    # waiting job thus overtakes newer jobs of higher priority once it has
+    # waited long enough (aging), and the order never changes after submit.
+    sa.Column("queue_key", sa.Float(precision=53), nullable=False,
+              server_default=sa.text("EXTRACT(EPOCH FROM now())")),
+    # Runs of this job that ended with its worker killed (worker_died,
+    # memory_limit); the crash budget quarantines the job at a limit.
+    sa.Column("crashes", sa.Integer, nullable=False, server_default="0"),
+    # Resident memory the job's processes may grow by, in MiB; NULL: no limit.
+    sa.Column("memory_limit_mib", sa.Integer),
     sa.CheckConstraint(f"status IN ({STATUS_VALUES})", name="status"),
     sa.CheckConstraint("max_attempts >= 1 AND attempt >= 0 AND attempt <= max_attempts", name="attempts"),
     sa.CheckConstraint(
@@ -86,13 +97,17 @@ jobs = sa.Table(
     ),
     sa.CheckConstraint("priority BETWEEN -1000 AND 1000", name="priority"),
     sa.CheckConstraint("timeout_seconds IS NULL OR timeout_seconds > 0", name="timeout"),
+    sa.CheckConstraint("crashes >= 0", name="crashes"),
+    sa.CheckConstraint("memory_limit_mib IS NULL OR memory_limit_mib > 0", name="memory_limit"),
     sa.Index(
         "uq_jobs_active_key", "job_key", unique=True,
         postgresql_where=sa.text("job_key IS NOT NULL AND status IN ('queued', 'running')"),
     ),
-    # The claim query walks this small index of queued jobs only, so millions
-    # of finished rows cost it nothing.
-    sa.Index("ix_jobs_claim", sa.text("priority DESC"), "id", postgresql_where=sa.text("status = 'queued'")),
+    # The claim query walks these small indices of queued and running jobs
+    # only, so millions of finished rows cost it nothing.
+    sa.Index("ix_jobs_queue", "submitted_by", "analysis", "queue_key", postgresql_where=sa.text("status = 'queued'")),
+    sa.Index("ix_jobs_queue_key", "queue_key", postgresql_where=sa.text("status = 'queued'")),
+    sa.Index("ix_jobs_running_owner", "submitted_by", "analysis", postgresql_where=sa.text("status = 'running'")),
     sa.Index("ix_jobs_status_id", "status", sa.text("id DESC")),
     sa.Index("ix_jobs_analysis_id", "analysis", sa.text("id DESC")),
     sa.Index("ix_jobs_submitted_by_id", "submitted_by", sa.text("id DESC")),
@@ -148,6 +163,21 @@ supervisors = sa.Table(
     sa.Column("slots", sa.Integer, nullable=False),
     # {"state": "running" | "throttled", "reason": ..., "readings": {...}}
     sa.Column("throttle", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+)
+
+# Concurrency limits enforced by the claim query: at most max_running running
+# jobs per submitting user (scope 'user') or per analysis (scope 'analysis').
+# The name '*' sets the default for every user or analysis without a row of
+# its own; no row at all means no limit.
+job_limits = sa.Table(
+    "job_limits",
+    metadata,
+    sa.Column("scope", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("max_running", sa.Integer, nullable=False),
+    sa.Column("updated_at", TS, nullable=False, server_default=NOW),
+    sa.CheckConstraint("scope IN ('user', 'analysis')", name="scope"),
+    sa.CheckConstraint("max_running >= 0", name="max_running"),
 )
 
 readings = sa.Table(

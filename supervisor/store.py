@@ -39,6 +39,14 @@ WORK_CHANNEL = "analysis_jobs_work"
 # Clients LISTEN here to follow jobs: every status change and progress write.
 CHANGES_CHANNEL = "analysis_jobs_changes"
 
+# Claim order: each point of priority counts as this many seconds of waiting,
+# so a job of priority p overtakes jobs of priority p + 1 submitted up to a
+# minute before it, and a job's wait behind higher priorities is bounded by
+# the priority difference times this step (aging without a cap).
+PRIORITY_STEP_SECONDS = 60
+# Largest memory limit a job may ask for (1 TiB); a limit is in MiB.
+MAX_MEMORY_LIMIT_MIB = 1024 * 1024
+
 MAX_KEY_LENGTH = 200
 MAX_USER_LENGTH = 100
 # Upper bound of jobs one claim statement takes. A supervisor with more free
@@ -86,6 +94,9 @@ class Job:
     result: Any
     results_expire_at: dt.datetime | None
     event_seq: int
+    queue_key: float
+    crashes: int
+    memory_limit_mib: int | None
 
     @classmethod
     def from_row(cls, row: sa.Row) -> "Job":
@@ -223,6 +234,7 @@ def submit(
     max_attempts: int | None = None,
     start_by: dt.datetime | None = None,
     timeout_seconds: float | None = None,
+    memory_limit_mib: int | None = None,
     max_params_bytes: int = MAX_PARAMS_BYTES_DEFAULT,
 ) -> SubmitResult:
     """Create a job, or return the queued or running job that has the same key.
@@ -233,6 +245,10 @@ def submit(
     submits: an insert that meets an uncommitted job with the same key waits
     for that transaction, then either returns the committed job or, if it
     rolled back, inserts its own.
+
+    ``timeout_seconds`` and ``memory_limit_mib`` default to the analysis's
+    own, and without ``start_by`` a job of an analysis with a
+    ``start_within_seconds`` expires if not started that long after submit.
     """
     analysis, params_json, key, attempts = _validate_submission(
         analysis_name, params if params is not None else {}, user, key, priority, max_attempts, max_params_bytes
@@ -243,6 +259,11 @@ def submit(
         raise InvalidRequest(f"invalid timeout_seconds {timeout!r}: must be between 0 and 604800",
                              field="timeout_seconds")
 
+    memory_limit = memory_limit_mib if memory_limit_mib is not None else analysis.memory_limit_mib
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int)
+                                     or not 1 <= memory_limit <= MAX_MEMORY_LIMIT_MIB):
+        raise InvalidRequest(f"invalid memory_limit_mib {memory_limit!r}: must be an integer from 1 to "
+                             f"{MAX_MEMORY_LIMIT_MIB}", field="memory_limit_mib")
     if start_by is not None and (not isinstance(start_by, dt.datetime) or start_by.tzinfo is None):
         raise InvalidRequest(f"invalid start_by {start_by!r}: must be a timezone-aware datetime",
                              field="start_by")
@@ -257,14 +278,17 @@ def submit(
             row = connection.execute(
                 sa.text(
                     "INSERT INTO jobs (analysis, params, job_key, priority, submitted_by, max_attempts, "
-                    "start_by, timeout_seconds) "
+                    "start_by, timeout_seconds, memory_limit_mib, queue_key) "
                     "VALUES (:analysis, CAST(:params AS jsonb), :key, :priority, :user, :attempts, "
-                    ":start_by, :timeout) "
+                    "COALESCE(:start_by, now() + make_interval(secs => :start_within)), :timeout, :memory, "
+                    "EXTRACT(EPOCH FROM now()) - :priority * :step) "
                     "ON CONFLICT (job_key) WHERE job_key IS NOT NULL AND status IN ('queued', 'running') "
                     "DO NOTHING RETURNING id"
                 ),
                 {"analysis": analysis.name, "params": params_json, "key": key, "priority": priority,
-                 "user": user, "attempts": attempts, "start_by": start_by, "timeout": timeout},
+                 "user": user, "attempts": attempts, "start_by": start_by, "timeout": timeout,
+                 "start_within": analysis.start_within_seconds, "memory": memory_limit,
+                 "step": PRIORITY_STEP_SECONDS},
             ).first()
             if row is not None:
                 add_event(connection, row.id, "submitted", {"user": user, "key": key, "priority": priority})

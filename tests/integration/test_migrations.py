@@ -21,7 +21,7 @@ from supervisor import config, db, schema, store
 from supervisor.errors import DatabaseUnavailable, SchemaOutOfDate
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-TABLES_AT_HEAD = {"alembic_version", "jobs", "job_events", "job_results", "supervisors", "readings"}
+TABLES_AT_HEAD = {"alembic_version", "jobs", "job_events", "job_results", "supervisors", "readings", "job_limits"}
 
 SNAPSHOT_QUERIES = {
     "tables": "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
@@ -162,13 +162,31 @@ def test_downgrade_to_base_drops_tables(fresh_url, fresh_engine):
     assert db.current_revision(fresh_engine) is None
 
 
-def test_downgrade_one_step_drops_readings(fresh_url, fresh_engine):
+def test_downgrade_to_0002_drops_job_limits_and_keeps_queued_jobs(fresh_url, fresh_engine):
+    db.upgrade(fresh_url)
+    with fresh_engine.begin() as connection:
+        connection.execute(sa.text("INSERT INTO jobs (analysis, params, submitted_by, max_attempts, priority) "
+                                   "VALUES ('noop', '{}', 'ana', 1, 5)"))
+
+    db.downgrade(fresh_url, "0002")
+
+    assert db.current_revision(fresh_engine) == "0002"
+    assert table_names(fresh_engine) == TABLES_AT_HEAD - {"job_limits"}
+    db.upgrade(fresh_url)
+    with fresh_engine.connect() as connection:
+        # The upgrade gives existing jobs the key a submit would have given them.
+        key, created = connection.execute(sa.text(
+            "SELECT queue_key, EXTRACT(EPOCH FROM created_at) FROM jobs")).one()
+    assert key == pytest.approx(float(created) - 5 * store.PRIORITY_STEP_SECONDS)
+
+
+def test_downgrade_to_0001_drops_readings(fresh_url, fresh_engine):
     db.upgrade(fresh_url)
 
-    db.downgrade(fresh_url, "-1")
+    db.downgrade(fresh_url, "0001")
 
     assert db.current_revision(fresh_engine) == "0001"
-    assert table_names(fresh_engine) == TABLES_AT_HEAD - {"readings"}
+    assert table_names(fresh_engine) == TABLES_AT_HEAD - {"readings", "job_limits"}
 
 
 def test_upgrade_after_downgrade_restores_schema(fresh_url, fresh_engine):
