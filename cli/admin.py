@@ -139,13 +139,22 @@ def supervisors(
         table.add_column(column, no_wrap=True, justify="right" if column in ("PID", "SLOTS", "RUNNING") else "left")
     for row in rows:
         throttle = row.get("throttle") or {}
-        throttle_text = throttle.get("state", "-")
-        if throttle.get("reason"):
-            throttle_text += f" ({throttle['reason']})"
+        throttle_text = throttle_summary(throttle)
         table.add_row(str(row["id"])[:8], row["host"], str(row["pid"]), row["state"],
                       output.format_time(row["started_at"]), output.format_duration(row["heartbeat_age_seconds"]),
                       str(row["slots"]), str(row["running_jobs"]), throttle_text)
     output.console().print(table)
+
+
+def throttle_summary(throttle: dict[str, Any]) -> str:
+    """Return e.g. "throttled: cpu (others 93.5% CPU, memory normal)" from a supervisors row's throttle."""
+    text = throttle.get("state", "-")
+    if throttle.get("reason"):
+        text += f": {throttle['reason']}"
+    readings = throttle.get("readings") or {}
+    if "other_cpu_percent" in readings:
+        text += f" (others {readings['other_cpu_percent']}% CPU, memory {readings.get('memory_level', '?')})"
+    return text
 
 
 def supervisor_state(row: dict[str, Any], lease_seconds: float) -> str:

@@ -89,6 +89,9 @@ def submit(
     start_by: Annotated[str | None, typer.Option(
         metavar="ISO8601", help="Expire the job if no run has started by this time (with a time zone).",
         show_default=False)] = None,
+    memory_limit: Annotated[int | None, typer.Option(
+        metavar="MIB", help="Stop a run whose processes grow by more than this many MiB, with code "
+                            "memory_limit. Default: the analysis's setting.", show_default=False)] = None,
     wait: Annotated[bool, typer.Option(
         "--wait", help="Follow the job to its end; exit 0 only if it succeeded.")] = False,
     json_output: JsonFlag = False,
@@ -101,7 +104,7 @@ def submit(
 
     result = store.submit(
         engine, analysis, values, user=current_user() if user is None else user, key=key, priority=priority,
-        max_attempts=max_attempts, start_by=deadline, timeout_seconds=timeout,
+        max_attempts=max_attempts, start_by=deadline, timeout_seconds=timeout, memory_limit_mib=memory_limit,
         max_params_bytes=settings.max_params_bytes,
     )
     job = result.job
@@ -142,15 +145,22 @@ def queue_info(engine: Engine, job: Job, lease_seconds: float) -> dict[str, Any]
             sa.text(
                 "SELECT now() AS now, "
                 "(SELECT count(*) FROM jobs WHERE status = 'queued' AND cancel_requested_at IS NULL "
-                " AND (priority > :priority OR (priority = :priority AND id < :id))) AS jobs_ahead, "
+                " AND (queue_key < :key OR (queue_key = :key AND id < :id))) AS jobs_ahead, "
+                "(SELECT count(*) FROM jobs WHERE status = 'queued' AND cancel_requested_at IS NULL "
+                " AND submitted_by = :user AND (queue_key < :key OR (queue_key = :key AND id < :id))) "
+                " AS own_jobs_ahead, "
                 "(SELECT count(*) FROM supervisors WHERE stopped_at IS NULL "
                 " AND heartbeat_at > now() - make_interval(secs => :lease)) AS live_supervisors"
             ),
-            {"priority": job.priority, "id": job.id, "lease": lease_seconds},
+            {"key": job.queue_key, "id": job.id, "user": job.submitted_by, "lease": lease_seconds},
         ).one()
     waiting = job.run_after > row.now
     return {
+        # Queue order (priority with aging, then age). Free slots go first to
+        # the user with the fewest running jobs, so only the user's own jobs
+        # ahead are sure to start first.
         "jobs_ahead": row.jobs_ahead,
+        "own_jobs_ahead": row.own_jobs_ahead,
         "live_supervisors": row.live_supervisors,
         "waiting_for_retry": waiting,
         "run_after": job.run_after if waiting else None,
@@ -194,10 +204,13 @@ def _print_status(job: Job, queue: dict[str, Any] | None) -> None:
         rows.append(("finished", f"{output.format_time(job.finished_at)} (ran {output.format_duration(ran)})"))
     if job.timeout_seconds is not None:
         rows.append(("timeout", output.format_duration(job.timeout_seconds)))
+    if job.memory_limit_mib is not None:
+        rows.append(("memory limit", f"{job.memory_limit_mib} MiB"))
     if job.lease_owner is not None:
         rows.append(("lease", f"supervisor {job.lease_owner} until {output.format_time(job.lease_expires_at)}"))
     if queue is not None:
-        line = f"queued for {output.format_duration(queue['queued_seconds'])}, {queue['jobs_ahead']} job(s) ahead"
+        line = (f"queued for {output.format_duration(queue['queued_seconds'])}, {queue['jobs_ahead']} job(s) "
+                f"ahead in queue order, {queue['own_jobs_ahead']} of them this user's")
         if queue["waiting_for_retry"]:
             line += (f"; waiting for retry until {output.format_time(queue['run_after'])} "
                      f"(in {output.format_duration(queue['retry_in_seconds'])})")
@@ -337,7 +350,7 @@ Examples:
   analysisctl retry 42
 
 The new job has the same analysis, parameters, key, user, priority, attempt
-limit and timeout; it starts from attempt 0.
+limit, timeout and memory limit; it starts from attempt 0.
 """
 
 RETRYABLE = (Status.FAILED, Status.CANCELLED, Status.EXPIRED)
@@ -361,7 +374,7 @@ def retry(ctx: typer.Context, job_id: JobId, json_output: JsonFlag = False) -> N
         )
     result = store.submit(
         engine, job.analysis, job.params, user=job.submitted_by, key=job.job_key, priority=job.priority,
-        max_attempts=job.max_attempts, timeout_seconds=job.timeout_seconds,
+        max_attempts=job.max_attempts, timeout_seconds=job.timeout_seconds, memory_limit_mib=job.memory_limit_mib,
         max_params_bytes=settings.max_params_bytes,
     )
     if json_output:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli import admin, data, demo, doctor, jobs
+from cli import admin, data, demo, doctor, jobs, limits
 from cli.common import CommandGroup, GlobalOptions, command_line_values, setting_help
 from supervisor import config as config_module
 
@@ -87,6 +87,7 @@ admin.register(app)
 doctor.register(app)
 data.register(app)
 demo.register(app)
+limits.register(app)
 
 
 def run() -> None:

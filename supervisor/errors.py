@@ -15,6 +15,8 @@ class ErrorCode(enum.StrEnum):
     MEMORY_LIMIT = "memory_limit"
     LEASE_EXPIRED = "lease_expired"
     SHUTDOWN = "shutdown"
+    # Runs of the job kept killing their worker; see Analysis.crash_budget.
+    QUARANTINED = "quarantined"
 
 
 class ServiceError(Exception):

@@ -36,7 +36,7 @@ import sqlalchemy as sa
 
 from analyses import registry
 from supervisor import config as config_module
-from supervisor import db, logs, payloads, rates, runs, store, sweeps
+from supervisor import db, logs, memory, payloads, rates, runs, store, sweeps
 from supervisor.errors import ErrorCode, ServiceError
 from supervisor.listener import Listener
 from supervisor.pool import Outcome, Task, WorkerPool
@@ -57,6 +57,8 @@ PROGRESS_EVENT_SECONDS = 10.0
 # How often lease recovery and expiry sweeps run.
 SWEEP_SECONDS = 5.0
 THROTTLE_SECONDS = 2.0
+# How often the memory of runs with a memory limit is sampled.
+MEMORY_CHECK_SECONDS = 0.25
 # Prefetching: while recent runs are short, the supervisor claims extra jobs,
 # about PREFETCH_WORK_SECONDS of work per slot and at most
 # PREFETCH_MAX_PER_SLOT. A freed worker then gets its next job from memory
@@ -105,6 +107,9 @@ class Run:
     # time.monotonic() after which the worker stops the run by itself unless
     # a heartbeat has renewed the lease; see fence_deadline().
     fence_deadline: float = 0.0
+    # Resident bytes of the worker when the run started; the job's memory
+    # limit applies to the growth above it. None until sampled.
+    memory_baseline: int | None = None
 
     @property
     def token(self) -> uuid.UUID:
@@ -141,6 +146,9 @@ class Supervisor:
         self.dispatched: list[tuple[int, uuid.UUID]] = []
         self.dispatched_since: float | None = None
 
+        # Whether job_limits has rows: claims then wait for each other (see
+        # runs.claim_jobs). Read at start, at each sweep and when notified.
+        self.limits_exist = True
         self.stopping = False
         self.wake_claim = True
         self.wake_cancel = True
@@ -148,6 +156,7 @@ class Supervisor:
         self.next_sweep = 0.0
         self.next_poll = 0.0
         self.next_throttle = 0.0
+        self.next_memory_check = 0.0
         self.db_backoff = 0.0
         self.db_retry_at = 0.0
 
@@ -255,6 +264,7 @@ class Supervisor:
                                    extra=self.log_extra("db_unavailable", error=str(error.orig),
                                                         retry_in_seconds=self.db_backoff))
             self.enforce_deadlines(time.monotonic())
+            self.enforce_memory_limits(time.monotonic())
             timeout = self.next_wake(time.monotonic())
             extra = [self.listener.wakeup] if self.listener is not None else []
             self.handle_outcomes(self.pool.wait(timeout=timeout, extra=extra))
@@ -293,6 +303,8 @@ class Supervisor:
         for run in self.runs.values():
             if run.stop_deadline is not None:
                 wake = min(wake, run.stop_deadline)
+            if run.job.memory_limit_mib is not None and run.slot is not None:
+                wake = min(wake, self.next_memory_check)
             if run.slot is not None:
                 # Wake when this run's next progress write falls due, not a
                 # whole interval after whichever pass came last.
@@ -306,8 +318,10 @@ class Supervisor:
             return
         for note in self.listener.drain():
             kind = note.get("kind")
-            if kind in ("queued", "reconnected"):
+            if kind in ("queued", "reconnected", "limits"):
                 self.wake_claim = True
+            if kind in ("limits", "reconnected"):
+                self.next_sweep = 0.0
             if kind in ("cancel", "reconnected"):
                 self.wake_cancel = True
 
@@ -379,7 +393,7 @@ class Supervisor:
         # Jobs that go straight to idle workers get their start recorded by the claim itself.
         starting = max(0, len(self.pool.free_slots()) - len(self.ready))
         jobs = runs.claim_jobs(connection or self.engine, self.id, limit, lease_seconds=self.settings.lease_seconds,
-                               starting=starting)
+                               starting=starting, serialize=self.limits_exist)
         # A full batch suggests more is queued: claim again on the next pass.
         self.wake_claim = len(jobs) == limit
         claimed_at = time.monotonic()
@@ -410,6 +424,8 @@ class Supervisor:
             task = Task(job_id=run.job.id, attempt=run.job.attempt, attempt_token=str(run.token),
                         analysis=run.job.analysis, params=run.job.params, results_dir=str(self.results_dir),
                         database_url=self.database_url)
+            if run.job.memory_limit_mib is not None:
+                run.memory_baseline = self.worker_rss(run.job.id)
             self.pool.dispatch(slot, task)
             if run.job.started_at is None:
                 self.dispatched.append((run.job.id, run.token))
@@ -451,6 +467,48 @@ class Supervisor:
         self.pool.request_cancel(run.job.id, str(run.token))
         logger.info("stop requested", extra=self.log_extra("job_stop_requested", run, reason=reason))
 
+    def worker_rss(self, job_id: int) -> int | None:
+        entry = self.pool.running().get(job_id)
+        if entry is None or entry[2] is None:
+            return None
+        return memory.tree_rss(entry[2])
+
+    def enforce_memory_limits(self, now: float) -> None:
+        """Stop runs whose processes grew past their job's memory limit, with code ``memory_limit``.
+
+        The limit applies to the growth of the worker and its descendants
+        since the run started, so memory a worker kept from an earlier job is
+        not charged to the next one. The run is stopped at once: a job over
+        its limit may take the machine into swap within its grace period.
+        """
+        if now < self.next_memory_check:
+            return
+        self.next_memory_check = now + MEMORY_CHECK_SECONDS
+        pids = {job_id: pid for job_id, (_, _, pid) in self.pool.running().items() if pid is not None}
+        for run in self.runs.values():
+            limit = run.job.memory_limit_mib
+            if limit is None or run.slot is None or run.terminated or run.job.id not in pids:
+                continue
+            rss = memory.tree_rss(pids[run.job.id])
+            if rss is None:
+                continue
+            if run.memory_baseline is None:
+                run.memory_baseline = rss
+            used = rss - run.memory_baseline
+            if used <= limit * memory.MIB:
+                continue
+            run.terminated, run.stop_reason = True, "memory_limit"
+            details = {"memory_limit_mib": limit, "used_mib": round(used / memory.MIB, 1),
+                       "resident_mib": round(rss / memory.MIB, 1),
+                       "baseline_mib": round(run.memory_baseline / memory.MIB, 1)}
+            logger.warning("job over its memory limit; terminating",
+                           extra=self.log_extra("job_memory_limit", run, **details))
+            error = {"code": str(ErrorCode.MEMORY_LIMIT),
+                     "message": f"used {details['used_mib']} MiB, over its memory limit of {limit} MiB",
+                     "details": details}
+            self.pool.terminate(run.job.id, str(run.token), grace_seconds=0.5, outcome_status="failed",
+                                error=error, retryable=True)
+
     def enforce_deadlines(self, now: float) -> None:
         for run in list(self.runs.values()):
             if run.started is None:
@@ -468,7 +526,9 @@ class Supervisor:
                     code = ErrorCode.TIMEOUT if run.stop_reason == "timeout" else ErrorCode.SHUTDOWN
                     error = {"code": str(code), "message": f"terminated after the grace period ({run.stop_reason})",
                              "details": {"timeout_seconds": run.job.timeout_seconds}}
-                    self.pool.terminate(run.job.id, str(run.token), outcome_status="failed", error=error)
+                    # Retried if the analysis's policy allows; see record_outcome.
+                    self.pool.terminate(run.job.id, str(run.token), outcome_status="failed", error=error,
+                                        retryable=True)
 
     # Outcomes --------------------------------------------------------------
 
@@ -567,10 +627,19 @@ class Supervisor:
             retryable = outcome.retryable
         else:
             retryable = outcome.retryable and code in analysis.retry_codes
-        delay = runs.retry_delay_seconds(run.job.attempt, base=self.settings.retry_base_seconds,
-                                         maximum=self.settings.retry_max_seconds)
-        status = runs.fail_run(bind, run.job.id, run.token, error, retryable=retryable, retry_delay=delay)
-        self.log_finish(run, status or "stale", status is not None, code=code)
+        crashed = code in CRASH_CODES
+        if crashed and retryable and run.job.attempt < run.job.max_attempts \
+                and run.job.crashes + 1 >= analysis.crash_budget:
+            error, retryable = quarantine_error(error, run.job.crashes + 1, analysis.crash_budget), False
+        delay = runs.retry_delay_seconds(
+            run.job.attempt,
+            base=analysis.retry_base_seconds if analysis.retry_base_seconds is not None
+            else self.settings.retry_base_seconds,
+            maximum=analysis.retry_max_seconds if analysis.retry_max_seconds is not None
+            else self.settings.retry_max_seconds)
+        status = runs.fail_run(bind, run.job.id, run.token, error, retryable=retryable, retry_delay=delay,
+                               crashed=crashed)
+        self.log_finish(run, status or "stale", status is not None, code=error.get("code"))
 
     def requeue(self, run: Run, reason: str, bind: sa.Engine | sa.Connection | None = None) -> None:
         status = runs.requeue_run(bind or self.engine, run.job.id, run.token, reason=reason)
@@ -622,6 +691,7 @@ class Supervisor:
                                     error={"code": str(ErrorCode.LEASE_EXPIRED), "message": "lease lost"})
 
     def sweep(self) -> None:
+        self.limits_exist = runs.limits_exist(self.engine)
         recovered = sweeps.recover_expired_leases(self.engine)
         if any(item.status == "queued" for item in recovered):
             self.wake_claim = True
@@ -669,6 +739,22 @@ class Supervisor:
                 run.last_progress_event = now
         if updates:
             runs.record_progress(self.engine, updates)
+
+
+# Failures where the job's own process was killed: they count against the
+# job's crash budget, which stops a job that keeps killing its worker from
+# crash-looping the pool however many attempts it has left.
+CRASH_CODES = frozenset({ErrorCode.WORKER_DIED, ErrorCode.MEMORY_LIMIT})
+
+
+def quarantine_error(error: dict[str, Any], crashes: int, budget: int) -> dict[str, Any]:
+    """Return the error that ends a job whose runs used up its crash budget, wrapping the last error."""
+    return {
+        "code": str(ErrorCode.QUARANTINED),
+        "message": f"quarantined: {crashes} runs ended with the worker killed (crash budget {budget}); "
+                   f"last: {error.get('code')}: {error.get('message')}",
+        "details": {"crashes": crashes, "crash_budget": budget, "last_error": error},
+    }
 
 
 def storable_document(summary: Any) -> Any:

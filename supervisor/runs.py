@@ -419,12 +419,13 @@ def _insert_result(connection: sa.Connection, job_id: int, entry: dict[str, Any]
 
 
 def fail_run(bind: Bind, job_id: int, attempt_token: uuid.UUID, error: dict[str, Any], *,
-             retryable: bool, retry_delay: float = 0.0) -> str | None:
+             retryable: bool, retry_delay: float = 0.0, crashed: bool = False) -> str | None:
     """Record a failed run; return the job's new status, or None if the run is no longer current.
 
     A retryable failure with attempts left sends the job back to the queue,
     not before ``retry_delay`` seconds. A job with a cancel request ends
-    ``cancelled`` instead of being retried.
+    ``cancelled`` instead of being retried. ``crashed`` counts the run in
+    the job's ``crashes`` (its worker was killed).
     """
     with _transaction(bind) as connection:
         row = connection.execute(
@@ -436,12 +437,13 @@ def fail_run(bind: Bind, job_id: int, attempt_token: uuid.UUID, error: dict[str,
                 "  THEN NULL ELSE now() END, "
                 "run_after = now() + make_interval(secs => :delay), "
                 "error = CAST(:error AS jsonb) || jsonb_build_object('attempt', attempt, 'at', now()), "
+                "crashes = crashes + CASE WHEN :crashed THEN 1 ELSE 0 END, "
                 f"{_clear_run()} "
                 "WHERE id = :id AND attempt_token = :token AND status = 'running' "
                 "RETURNING status, attempt, max_attempts, error"
             ),
             {"id": job_id, "token": attempt_token, "retry": retryable, "delay": retry_delay,
-             "error": _json(error)},
+             "error": _json(error), "crashed": crashed},
         ).first()
         if row is None:
             return None

@@ -428,3 +428,82 @@ def cancel_requests(bind: Bind, supervisor_id: uuid.UUID) -> list[tuple[int, uui
             {"owner": supervisor_id},
         )
         return [(row.id, row.attempt_token) for row in rows]
+
+
+# Concurrency limits ----------------------------------------------------------
+
+LIMIT_SCOPES = ("user", "analysis")
+# The name of the limit that applies to every user or analysis without one of its own.
+ANY = "*"
+MAX_LIMIT = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    scope: str
+    name: str
+    max_running: int
+    updated_at: dt.datetime
+
+
+def _check_limit_target(scope: str, name: str) -> None:
+    if scope not in LIMIT_SCOPES:
+        raise InvalidRequest(f"invalid limit scope {scope!r}: must be one of {', '.join(LIMIT_SCOPES)}",
+                             field="scope")
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_USER_LENGTH or not name.isprintable():
+        raise InvalidRequest(f"invalid {scope} name {name!r}: must be 1 to {MAX_USER_LENGTH} printable "
+                             f"characters, or {ANY!r} for every {scope}", field="name")
+    if scope == "analysis" and name != ANY:
+        try:
+            registry.get(name)
+        except InvalidParams as error:
+            raise InvalidRequest(error.message, field="name") from None
+
+
+def set_limit(bind: Bind, scope: str, name: str, max_running: int) -> Limit:
+    """Allow at most ``max_running`` running jobs of one user or analysis (``ANY``: each one without its own).
+
+    Running means claimed: jobs a supervisor has prefetched count too. The
+    limit holds from the next claim of every supervisor on the database; 0
+    holds that user's or analysis's jobs in the queue.
+    """
+    _check_limit_target(scope, name)
+    if isinstance(max_running, bool) or not isinstance(max_running, int) or not 0 <= max_running <= MAX_LIMIT:
+        raise InvalidRequest(f"invalid limit {max_running!r}: must be an integer from 0 to {MAX_LIMIT}",
+                             field="max_running")
+    with _transaction(bind) as connection:
+        row = connection.execute(
+            sa.text(
+                "INSERT INTO job_limits (scope, name, max_running) VALUES (:scope, :name, :max) "
+                "ON CONFLICT (scope, name) DO UPDATE SET max_running = EXCLUDED.max_running, updated_at = now() "
+                "RETURNING *"
+            ),
+            {"scope": scope, "name": name, "max": max_running},
+        ).one()
+        _notify_limits(connection)
+        return Limit(**row._mapping)
+
+
+def clear_limit(bind: Bind, scope: str, name: str) -> bool:
+    """Remove a limit; return whether there was one."""
+    if scope not in LIMIT_SCOPES:
+        _check_limit_target(scope, name)
+    with _transaction(bind) as connection:
+        removed = connection.execute(
+            sa.text("DELETE FROM job_limits WHERE scope = :scope AND name = :name"), {"scope": scope, "name": name}
+        ).rowcount
+        if removed:
+            _notify_limits(connection)
+        return bool(removed)
+
+
+def list_limits(bind: Bind) -> list[Limit]:
+    with _transaction(bind) as connection:
+        rows = connection.execute(sa.text("SELECT * FROM job_limits ORDER BY scope, name = '*' DESC, name"))
+        return [Limit(**row._mapping) for row in rows]
+
+
+def _notify_limits(connection: sa.Connection) -> None:
+    # Supervisors claim at once, since a raised limit may let queued jobs start.
+    connection.execute(sa.text("SELECT pg_notify(:channel, :payload)"),
+                       {"channel": WORK_CHANNEL, "payload": _json({"kind": "limits"})})

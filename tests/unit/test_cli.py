@@ -50,7 +50,8 @@ def make_job(**fields) -> Job:
         lease_expires_at=NOW, attempt_token=uuid.UUID(int=2), cancel_requested_at=None,
         cancel_requested_by=None, progress_phase="steps", progress_completed=5, progress_total=10,
         progress_message=None, progress_rate=2.0, progress_eta_seconds=2.5, progress_updated_at=NOW,
-        error=None, result=None, results_expire_at=None, event_seq=2,
+        error=None, result=None, results_expire_at=None, event_seq=2, queue_key=NOW.timestamp(), crashes=0,
+        memory_limit_mib=None,
     )
     base.update(fields)
     return Job(**base)
