@@ -271,16 +271,18 @@ class Supervisor:
             self.read_notifications()
 
     def tick(self, now: float) -> None:
+        if now >= self.next_throttle:
+            if self.throttle.update():
+                self.log_throttle()
+                # Record the new state in the supervisors row at once.
+                self.next_heartbeat = now
+            self.next_throttle = now + THROTTLE_SECONDS
         if now >= self.next_heartbeat:
             self.heartbeat()
             self.next_heartbeat = now + self.settings.heartbeat_seconds
         if now >= self.next_sweep:
             self.sweep()
             self.next_sweep = now + SWEEP_SECONDS
-        if now >= self.next_throttle:
-            if self.throttle.update():
-                self.log_throttle()
-            self.next_throttle = now + THROTTLE_SECONDS
         if now >= self.next_poll:
             self.wake_claim = self.wake_cancel = True
             self.next_poll = now + self.settings.poll_seconds

@@ -120,8 +120,10 @@ def heartbeat(
 # It never scans the whole queue: a loose index scan of ix_jobs_queue finds
 # each (user, analysis) pair with queued jobs, and only the first :limit jobs
 # of each pair are candidates. "Fewest running" counts the jobs each pick
-# adds: a user's k-th candidate counts as running + k, which interleaves
-# users round-robin within one batch.
+# adds: a user's k-th candidate counts as running + k (its user_load), which
+# interleaves users round-robin within one batch. A user's own candidates
+# are ranked the same way by analysis first (pair_load), so one user's jobs
+# of a quiet analysis go before more of a busy one.
 #
 # Limits are applied in three steps: analyses already at their limit drop out,
 # then each user's candidates beyond the user's free room, then each
@@ -159,9 +161,14 @@ _CLAIM = sa.text(
                (SELECT max_running FROM job_limits WHERE scope = 'analysis' AND name IN (c.analysis, '*')
                 ORDER BY name = '*' LIMIT 1) AS analysis_limit
         FROM candidates c
-    ), user_ranked AS (
-        SELECT *, user_running + row_number() OVER (PARTITION BY submitted_by ORDER BY queue_key, id) AS user_load
+    ), pair_ranked AS (
+        SELECT *, analysis_running + row_number() OVER (
+                   PARTITION BY submitted_by, analysis ORDER BY queue_key, id) AS pair_load
         FROM scored WHERE analysis_limit IS NULL OR analysis_running < analysis_limit
+    ), user_ranked AS (
+        SELECT *, user_running + row_number() OVER (
+                   PARTITION BY submitted_by ORDER BY pair_load, queue_key, id) AS user_load
+        FROM pair_ranked
     ), analysis_ranked AS (
         SELECT *, analysis_running + row_number() OVER (
                    PARTITION BY analysis ORDER BY user_load, queue_key, id) AS analysis_load

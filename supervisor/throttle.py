@@ -5,8 +5,10 @@ Claims pause when the CPU load of *other* programs stays above
 load falls below the lower ``resume_cpu_percent`` (hysteresis, so a load
 hovering at one threshold does not flap). The service's own workers are
 subtracted from the CPU figure: a full pool must never pause itself.
-Running jobs are never paused; a paused supervisor records its state and
-reason in its supervisors row, so it is never silently stalled.
+Running jobs are never paused, and a paused supervisor starts nothing new,
+even with every slot free: on the Mac mini the controller comes first. It
+records its state, reason, readings and the time the pause began in its
+supervisors row, so it is never silently stalled.
 
 Readings come through ``Reader`` so tests can inject them.
 """
@@ -38,6 +40,11 @@ MIN_SAMPLE_SECONDS = 1.0
 # Used where neither PSI nor a macOS pressure level is available.
 PAUSE_AVAILABLE_RATIO_DEFAULT = 0.05
 RESUME_AVAILABLE_RATIO_DEFAULT = 0.10
+# Swapping out this fast means memory is short whatever the other signals
+# say: a macOS "warning" level or a low available ratio with this rate
+# counts as critical. On an SSD, a sustained 10 MiB/s of page-outs is far
+# above the trickle of an idle system.
+SWAP_OUT_CRITICAL_BYTES_PER_SECOND = 10 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +70,27 @@ class Reader:
         psutil.cpu_percent(interval=None)
         self._sampled_at = time.monotonic()
         self._psi = Path("/proc/pressure/memory")
+        self._swapped_out = self._swap_out_bytes()
+        self._swap_rate = 0.0
+
+    @staticmethod
+    def _swap_out_bytes() -> int | None:
+        try:
+            return psutil.swap_memory().sout
+        except (OSError, RuntimeError):
+            return None
+
+    def _update_swap_rate(self, seconds: float) -> None:
+        swapped_out = self._swap_out_bytes()
+        if swapped_out is not None and self._swapped_out is not None and seconds > 0:
+            self._swap_rate = max(0.0, (swapped_out - self._swapped_out) / seconds)
+        self._swapped_out = swapped_out
+
+    def _with_swap(self, level: str, detail: dict) -> tuple[str, dict]:
+        detail["swap_out_mib_per_second"] = round(self._swap_rate / (1024 * 1024), 2)
+        if level == "warning" and self._swap_rate >= SWAP_OUT_CRITICAL_BYTES_PER_SECOND:
+            level = "critical"
+        return level, detail
 
     def _own_cpu_percent(self) -> float:
         # The supervisor itself counts as the service's own load too.
@@ -89,7 +117,7 @@ class Reader:
                 level = int(subprocess.run(["sysctl", "-n", "kern.memorystatus_vm_pressure_level"],
                                            capture_output=True, text=True, timeout=2).stdout.strip())
                 name = {1: "normal", 2: "warning", 4: "critical"}.get(level, "normal")
-                return name, {"source": "kern.memorystatus_vm_pressure_level", "value": level}
+                return self._with_swap(name, {"source": "kern.memorystatus_vm_pressure_level", "value": level})
             except (OSError, ValueError, subprocess.SubprocessError):
                 pass
         if self._psi.exists():
@@ -105,7 +133,7 @@ class Reader:
         ratio = memory.available / memory.total
         level = "critical" if ratio <= PAUSE_AVAILABLE_RATIO_DEFAULT else (
             "warning" if ratio <= RESUME_AVAILABLE_RATIO_DEFAULT else "normal")
-        return level, {"source": "available_ratio", "available_ratio": round(ratio, 4)}
+        return self._with_swap(level, {"source": "available_ratio", "available_ratio": round(ratio, 4)})
 
     def read(self) -> Readings | None:
         """Return new readings, or None while the sampling window is shorter than a second.
@@ -113,9 +141,11 @@ class Reader:
         A CPU percentage over a few milliseconds is mostly noise: the
         supervisor starting its workers reads as 100 %.
         """
-        if time.monotonic() - self._sampled_at < MIN_SAMPLE_SECONDS:
+        elapsed = time.monotonic() - self._sampled_at
+        if elapsed < MIN_SAMPLE_SECONDS:
             return None
         self._sampled_at = time.monotonic()
+        self._update_swap_rate(elapsed)
         system = psutil.cpu_percent(interval=None)
         other = max(0.0, system - self._own_cpu_percent())
         level, detail = self._memory()
@@ -133,6 +163,8 @@ class Throttle:
         self.pause_cpu_percent = pause_cpu_percent
         self.resume_cpu_percent = resume_cpu_percent
         self.reason: str | None = None
+        # time.time() when the current pause began.
+        self.since: float | None = None
         self.readings: Readings | None = None
 
     @property
@@ -155,11 +187,17 @@ class Throttle:
             self.reason = "memory" if readings.memory_level == "critical" else None
         elif self.reason == "memory" and readings.memory_level == "normal":
             self.reason = "cpu" if readings.other_cpu_percent > self.pause_cpu_percent else None
+        if previous is None and self.reason is not None:
+            self.since = time.time()
+        elif self.reason is None:
+            self.since = None
         return previous != self.reason
 
     def state(self) -> dict:
         """Return the state as stored in the supervisors row."""
         document: dict = {"state": "throttled" if self.reason else "running", "reason": self.reason}
+        if self.since is not None:
+            document["since"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
         if self.readings is not None:
             document["readings"] = {"other_cpu_percent": self.readings.other_cpu_percent,
                                     "memory_level": self.readings.memory_level,

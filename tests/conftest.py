@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from supervisor import config, db, embedded
 
-TABLES = ("job_results", "job_events", "jobs", "supervisors", "readings")
+TABLES = ("job_results", "job_events", "jobs", "supervisors", "readings", "job_limits")
 
 # The noop analysis's fault-injection parameters (shell commands, run logs,
 # abrupt exits) are what these tests exercise; supervisors and workers they

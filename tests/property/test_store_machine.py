@@ -10,8 +10,10 @@ gap-free event sequences.
 The rules the model encodes come from the docstrings:
 
 - a submit with the key of a queued or running job returns that job;
-- a claim takes queued jobs by priority, then id, and skips jobs whose
-  start-by deadline passed;
+- a claim takes one user's queued jobs by queue key, where a point of
+  priority counts as a minute of waiting (each example runs well within a
+  minute, so this is priority, then id), and skips jobs whose start-by
+  deadline passed;
 - ``succeed_run`` wins over a pending cancel request;
 - ``fail_run``, ``requeue_run`` and lease recovery end a job with a cancel
   request as ``cancelled``;
