@@ -67,11 +67,15 @@ def create_engine(url: str, settings: config_module.Config | None = None, **engi
     ``idle_in_transaction_session_timeout`` makes the server release the row
     locks of a client that died mid-transaction. ``pool_pre_ping`` replaces
     connections broken by a server restart instead of failing the next query.
+    JIT compilation is off: every query here touches a few rows, and the
+    claim statement's estimated cost crosses ``jit_above_cost``, so JIT
+    would spend tens of milliseconds compiling a query that runs in one.
     """
     settings = settings or config_module.load({})
     options = (
         f"-c statement_timeout={settings.statement_timeout_ms} "
-        f"-c idle_in_transaction_session_timeout={settings.idle_in_transaction_timeout_ms}"
+        f"-c idle_in_transaction_session_timeout={settings.idle_in_transaction_timeout_ms} "
+        "-c jit=off"
     )
     engine_options.setdefault("pool_pre_ping", True)
     engine_options.setdefault("pool_size", 5)
