@@ -152,15 +152,20 @@ _CLAIM = sa.text(
         ) c
     ), running AS (
         SELECT submitted_by, analysis, count(*) AS n FROM jobs WHERE status = 'running' GROUP BY 1, 2
-    ), scored AS (
-        SELECT c.*,
-               COALESCE((SELECT sum(n) FROM running r WHERE r.submitted_by = c.submitted_by), 0) AS user_running,
-               COALESCE((SELECT sum(n) FROM running r WHERE r.analysis = c.analysis), 0) AS analysis_running,
-               (SELECT max_running FROM job_limits WHERE scope = 'user' AND name IN (c.submitted_by, '*')
-                ORDER BY name = '*' LIMIT 1) AS user_limit,
-               (SELECT max_running FROM job_limits WHERE scope = 'analysis' AND name IN (c.analysis, '*')
+    ), users AS (
+        SELECT submitted_by,
+               COALESCE((SELECT sum(n) FROM running r WHERE r.submitted_by = u.submitted_by), 0) AS user_running,
+               (SELECT max_running FROM job_limits WHERE scope = 'user' AND name IN (u.submitted_by, '*')
+                ORDER BY name = '*' LIMIT 1) AS user_limit
+        FROM (SELECT DISTINCT submitted_by FROM pairs) u
+    ), analyses AS (
+        SELECT analysis,
+               COALESCE((SELECT sum(n) FROM running r WHERE r.analysis = a.analysis), 0) AS analysis_running,
+               (SELECT max_running FROM job_limits WHERE scope = 'analysis' AND name IN (a.analysis, '*')
                 ORDER BY name = '*' LIMIT 1) AS analysis_limit
-        FROM candidates c
+        FROM (SELECT DISTINCT analysis FROM pairs) a
+    ), scored AS (
+        SELECT * FROM candidates JOIN users USING (submitted_by) JOIN analyses USING (analysis)
     ), pair_ranked AS (
         SELECT *, analysis_running + row_number() OVER (
                    PARTITION BY submitted_by, analysis ORDER BY queue_key, id) AS pair_load
