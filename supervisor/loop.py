@@ -633,12 +633,7 @@ class Supervisor:
         if crashed and retryable and run.job.attempt < run.job.max_attempts \
                 and run.job.crashes + 1 >= analysis.crash_budget:
             error, retryable = quarantine_error(error, run.job.crashes + 1, analysis.crash_budget), False
-        delay = runs.retry_delay_seconds(
-            run.job.attempt,
-            base=analysis.retry_base_seconds if analysis.retry_base_seconds is not None
-            else self.settings.retry_base_seconds,
-            maximum=analysis.retry_max_seconds if analysis.retry_max_seconds is not None
-            else self.settings.retry_max_seconds)
+        delay = retry_delay(analysis, self.settings, run.job.attempt)
         status = runs.fail_run(bind, run.job.id, run.token, error, retryable=retryable, retry_delay=delay,
                                crashed=crashed)
         self.log_finish(run, status or "stale", status is not None, code=error.get("code"))
@@ -747,6 +742,13 @@ class Supervisor:
 # job's crash budget, which stops a job that keeps killing its worker from
 # crash-looping the pool however many attempts it has left.
 CRASH_CODES = frozenset({ErrorCode.WORKER_DIED, ErrorCode.MEMORY_LIMIT})
+
+
+def retry_delay(analysis: registry.Analysis, settings: config_module.Config, attempt: int) -> float:
+    """Return the delay before retrying after ``attempt``: the analysis's backoff, else the settings'."""
+    base = analysis.retry_base_seconds if analysis.retry_base_seconds is not None else settings.retry_base_seconds
+    maximum = analysis.retry_max_seconds if analysis.retry_max_seconds is not None else settings.retry_max_seconds
+    return runs.retry_delay_seconds(attempt, base=base, maximum=maximum)
 
 
 def quarantine_error(error: dict[str, Any], crashes: int, budget: int) -> dict[str, Any]:

@@ -8,6 +8,8 @@ and limit scenarios with real supervisors are in test_supervisor_policies.py.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import datetime as dt
 import threading
 import uuid
 
@@ -311,3 +313,59 @@ def test_claims_are_maximal_within_limits_and_fair(engine, specs, limits, free):
         for job in waiting:
             for user in given_users:
                 assert running[("user", job.submitted_by)] >= running[("user", user)] - 1
+
+
+# Run policy defaults of an analysis ------------------------------------------
+
+
+@pytest.fixture
+def strict_analysis(monkeypatch):
+    """An analysis with its own deadlines, memory limit and backoff, registered for one test."""
+    from analyses import noop, registry
+
+    analysis = dataclasses.replace(noop.NOOP, name="strict-noop", start_within_seconds=120.0,
+                                   memory_limit_mib=256, timeout_seconds=30.0, retry_base_seconds=7.0,
+                                   retry_max_seconds=20.0)
+    monkeypatch.setitem(registry._registry, analysis.name, analysis)
+    return analysis
+
+
+def test_analysis_defaults_set_start_by_memory_and_timeout(engine, strict_analysis):
+    job = store.submit(engine, strict_analysis.name, {}, user="alice").job
+
+    assert (job.start_by - job.created_at).total_seconds() == pytest.approx(120.0, abs=0.01)
+    assert job.memory_limit_mib == 256
+    assert job.timeout_seconds == 30.0
+
+
+def test_submit_arguments_override_analysis_defaults(engine, strict_analysis):
+    start_by = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+
+    job = store.submit(engine, strict_analysis.name, {}, user="alice", start_by=start_by, memory_limit_mib=64,
+                       timeout_seconds=5.0).job
+
+    assert job.start_by == start_by
+    assert job.memory_limit_mib == 64
+    assert job.timeout_seconds == 5.0
+
+
+def test_retry_delay_uses_analysis_backoff_before_settings(settings, strict_analysis):
+    from analyses import noop
+    from supervisor.loop import retry_delay
+
+    own = [retry_delay(strict_analysis, settings, attempt) for attempt in (1, 2, 5)]
+    default = retry_delay(noop.NOOP, settings.replace(retry_base_seconds=0.5, retry_max_seconds=1.0), 5)
+
+    assert 3.5 <= own[0] <= 7.0
+    assert 7.0 <= own[1] <= 14.0
+    assert 10.0 <= own[2] <= 20.0
+    assert 0.5 <= default <= 1.0
+
+
+@pytest.mark.parametrize("value", [0, -5, True, 2.5, store.MAX_MEMORY_LIMIT_MIB + 1, "512"])
+def test_submit_rejects_bad_memory_limit(engine, value):
+    with pytest.raises(InvalidRequest) as raised:
+        store.submit(engine, "noop", {}, user="alice", memory_limit_mib=value)
+
+    assert raised.value.field == "memory_limit_mib"
+    assert store.list_jobs(engine) == []
