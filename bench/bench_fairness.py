@@ -104,7 +104,7 @@ class Outcome:
 
 
 def fair_claim(engine: sa.Engine) -> store.Job | None:
-    jobs = runs.claim_jobs(engine, OWNER, 1, lease_seconds=3600, serialize=False)
+    jobs = runs.claim_jobs(engine, OWNER, 1, lease_seconds=3600)
     return jobs[0] if jobs else None
 
 

@@ -51,6 +51,9 @@ SUPERVISOR_ID = uuid.UUID("00000000-0000-4000-8000-00000000be0c")
 EMPTY_QUERY = "SELECT 1 WHERE false"
 # The part of a sweep or claim statement that picks the rows it then changes.
 LOCKING_SELECT = re.compile(r"WITH\s+\w+\s+AS\s+\(\s*(SELECT\b.*?FOR UPDATE SKIP LOCKED)\s*\)", re.DOTALL)
+# In a statement of several CTEs: the first CTE that changes rows, and every CTE name.
+WRITING_CTE = re.compile(r",\s*\w+\s+AS\s+\(\s*(?:UPDATE|INSERT|DELETE)\b")
+CTE_NAME = re.compile(r"(\w+)\s+AS\s+\(")
 
 # Loads `finished` finished jobs with ids in submission order over 90 days.
 # Status: 90 % succeeded, 6 % failed, 3 % cancelled, 1 % expired before they
@@ -153,8 +156,9 @@ class Query:
 
 
 QUERIES = (
+    # Statement 0 takes the claim lock; 1 is the claim.
     Query("claim (8 free slots)", "runs.claim_jobs",
-          lambda connection: runs.claim_jobs(connection, SUPERVISOR_ID, 8, lease_seconds=30)),
+          lambda connection: runs.claim_jobs(connection, SUPERVISOR_ID, 8, lease_seconds=30), statement=1),
     Query("list, all jobs, newest first", "store.list_jobs",
           lambda connection: store.list_jobs(connection, limit=50)),
     Query("list by status = failed", "store.list_jobs",
@@ -201,6 +205,12 @@ def capture_statements(engine: sa.Engine, call: Callable[[sa.Connection], Any]) 
 
 def measured_sql(statement: str) -> str:
     """Return the row-selecting part of a statement that changes rows, or the statement itself."""
+    writing = WRITING_CTE.search(statement)
+    if writing and statement.lstrip().upper().startswith("WITH RECURSIVE"):
+        # The claim: every CTE before the first one that writes, then a
+        # SELECT of the last of them (the rows it would claim).
+        names = CTE_NAME.findall(statement[:writing.start()])
+        return f"{statement[:writing.start()]} SELECT * FROM {names[-1]}"
     match = LOCKING_SELECT.search(statement)
     if match:
         return match.group(1)

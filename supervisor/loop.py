@@ -146,9 +146,6 @@ class Supervisor:
         self.dispatched: list[tuple[int, uuid.UUID]] = []
         self.dispatched_since: float | None = None
 
-        # Whether job_limits has rows: claims then wait for each other (see
-        # runs.claim_jobs). Read at start, at each sweep and when notified.
-        self.limits_exist = True
         self.stopping = False
         self.wake_claim = True
         self.wake_cancel = True
@@ -322,8 +319,6 @@ class Supervisor:
             kind = note.get("kind")
             if kind in ("queued", "reconnected", "limits"):
                 self.wake_claim = True
-            if kind in ("limits", "reconnected"):
-                self.next_sweep = 0.0
             if kind in ("cancel", "reconnected"):
                 self.wake_cancel = True
 
@@ -395,7 +390,7 @@ class Supervisor:
         # Jobs that go straight to idle workers get their start recorded by the claim itself.
         starting = max(0, len(self.pool.free_slots()) - len(self.ready))
         jobs = runs.claim_jobs(connection or self.engine, self.id, limit, lease_seconds=self.settings.lease_seconds,
-                               starting=starting, serialize=self.limits_exist)
+                               starting=starting)
         # A full batch suggests more is queued: claim again on the next pass.
         self.wake_claim = len(jobs) == limit
         claimed_at = time.monotonic()
@@ -688,7 +683,6 @@ class Supervisor:
                                     error={"code": str(ErrorCode.LEASE_EXPIRED), "message": "lease lost"})
 
     def sweep(self) -> None:
-        self.limits_exist = runs.limits_exist(self.engine)
         recovered = sweeps.recover_expired_leases(self.engine)
         if any(item.status == "queued" for item in recovered):
             self.wake_claim = True

@@ -108,10 +108,7 @@ def heartbeat(
 
 # Claim -------------------------------------------------------------------
 
-# Ordering: higher priority first, then submission order.
-# NOTE: this is plain priority-then-FIFO; one user's backlog delays other
-# users' later jobs until it drains.
-# The claim query. Jobs are eligible when queued, due (run_after), not
+# The claim statement. Jobs are eligible when queued, due (run_after), not
 # cancelled and not past their start-by time. Among eligible jobs it prefers
 # the submitting user with the fewest running jobs, then the analysis with
 # the fewest, then the queue key (priority with aging, then age), and it
@@ -131,6 +128,11 @@ def heartbeat(
 # its user's room unused in this statement, so ``claim_jobs`` runs the
 # statement again while it reports such drops and slots remain; each run
 # takes at least one job while any eligible job fits its limits.
+#
+# Candidates are read without row locks (locking them all would write to
+# every candidate row). Claims are serialized by an advisory lock instead,
+# and the UPDATE re-checks each picked row's status, so a job cancelled or
+# expired since the statement's snapshot is skipped.
 _CLAIM = sa.text(
     """
     WITH RECURSIVE pairs AS (
@@ -148,28 +150,26 @@ _CLAIM = sa.text(
             WHERE status = 'queued' AND submitted_by = pairs.submitted_by AND analysis = pairs.analysis
               AND run_after <= now() AND cancel_requested_at IS NULL AND (start_by IS NULL OR start_by > now())
             ORDER BY queue_key LIMIT :limit
-            FOR UPDATE SKIP LOCKED
         ) c
     ), running AS (
         SELECT submitted_by, analysis, count(*) AS n FROM jobs WHERE status = 'running' GROUP BY 1, 2
-    ), users AS (
+    ), users AS MATERIALIZED (
         SELECT submitted_by,
                COALESCE((SELECT sum(n) FROM running r WHERE r.submitted_by = u.submitted_by), 0) AS user_running,
                (SELECT max_running FROM job_limits WHERE scope = 'user' AND name IN (u.submitted_by, '*')
                 ORDER BY name = '*' LIMIT 1) AS user_limit
         FROM (SELECT DISTINCT submitted_by FROM pairs) u
-    ), analyses AS (
+    ), analyses AS MATERIALIZED (
         SELECT analysis,
                COALESCE((SELECT sum(n) FROM running r WHERE r.analysis = a.analysis), 0) AS analysis_running,
                (SELECT max_running FROM job_limits WHERE scope = 'analysis' AND name IN (a.analysis, '*')
                 ORDER BY name = '*' LIMIT 1) AS analysis_limit
         FROM (SELECT DISTINCT analysis FROM pairs) a
-    ), scored AS (
-        SELECT * FROM candidates JOIN users USING (submitted_by) JOIN analyses USING (analysis)
     ), pair_ranked AS (
         SELECT *, analysis_running + row_number() OVER (
                    PARTITION BY submitted_by, analysis ORDER BY queue_key, id) AS pair_load
-        FROM scored WHERE analysis_limit IS NULL OR analysis_running < analysis_limit
+        FROM candidates JOIN users USING (submitted_by) JOIN analyses USING (analysis)
+        WHERE analysis_limit IS NULL OR analysis_running < analysis_limit
     ), user_ranked AS (
         SELECT *, user_running + row_number() OVER (
                    PARTITION BY submitted_by ORDER BY pair_load, queue_key, id) AS user_load
@@ -193,7 +193,7 @@ _CLAIM = sa.text(
             progress_message = NULL, progress_rate = NULL, progress_eta_seconds = NULL,
             progress_updated_at = NULL
         FROM picked
-        WHERE jobs.id = picked.id AND jobs.status = ANY(:sources)
+        WHERE jobs.id = picked.id AND jobs.status = ANY(:sources) AND jobs.cancel_requested_at IS NULL
         RETURNING jobs.*, picked.position
     ), events AS (
         INSERT INTO job_events (job_id, seq, kind, payload)
@@ -208,39 +208,36 @@ _CLAIM = sa.text(
     """
 )
 
-# Claims that must see each other's results to keep the concurrency limits
-# across supervisors take this transaction-level advisory lock first.
+# Claims take this transaction-level advisory lock first; see claim_jobs.
 CLAIM_LOCK_KEY = 0x616A_6C6D  # "ajlm"
 
 
 def claim_jobs(bind: Bind, supervisor_id: uuid.UUID, limit: int, *, lease_seconds: float,
-               starting: int = 0, serialize: bool = True) -> list[Job]:
+               starting: int = 0) -> list[Job]:
     """Claim up to ``limit`` queued jobs for a supervisor and return them as running, in claim order.
 
-    Rows locked by another claimer are skipped rather than waited for, and a
-    job with a cancel request is never claimed. The first ``starting`` jobs
-    are recorded as started (see ``mark_started``): the caller hands them to
-    idle workers right after the commit, which saves a write on the way.
+    A job with a cancel request is never claimed. The first ``starting``
+    jobs are recorded as started (see ``mark_started``): the caller hands
+    them to idle workers right after the commit, which saves a write on the
+    way.
 
-    With ``serialize``, concurrent claims (from several supervisors) wait
-    for each other, so none can count another's uncommitted claims wrongly
-    and exceed a limit in job_limits. Without limits there is nothing to
-    keep, and a supervisor that knows the table is empty passes False to save
-    the round trip.
+    Concurrent claims (from several supervisors) wait for each other, so
+    each counts the jobs the previous one claimed: the limits in job_limits
+    and the fair order then hold across supervisors, and two claims never
+    pick the same job. A claim takes a few milliseconds, so the wait is short.
     """
     if limit <= 0:
         return []
     claimed: list[Job] = []
+    wanted = min(limit, MAX_CLAIM_BATCH)
     with _transaction(bind) as connection:
-        if serialize:
-            # A statement of its own: the claim's snapshot must be taken
-            # after the lock is granted, to see the previous holder's claims.
-            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
-        while len(claimed) < min(limit, MAX_CLAIM_BATCH):
-            wanted = min(limit, MAX_CLAIM_BATCH) - len(claimed)
+        # A statement of its own: the claim's snapshot must be taken after
+        # the lock is granted, to see the previous holder's claims.
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
+        while len(claimed) < wanted:
             rows = connection.execute(
                 _CLAIM,
-                {"limit": wanted, "owner": supervisor_id, "lease": lease_seconds,
+                {"limit": wanted - len(claimed), "owner": supervisor_id, "lease": lease_seconds,
                  "sources": sources(Status.RUNNING), "channel": CHANGES_CHANNEL,
                  "starting": max(0, starting - len(claimed))},
             ).all()
@@ -248,12 +245,6 @@ def claim_jobs(bind: Bind, supervisor_id: uuid.UUID, limit: int, *, lease_second
             if not rows or not rows[0].limited:
                 break
     return claimed
-
-
-def limits_exist(bind: Bind) -> bool:
-    """Return whether any concurrency limit is set (see ``claim_jobs``)."""
-    with _transaction(bind) as connection:
-        return connection.execute(sa.text("SELECT EXISTS (SELECT 1 FROM job_limits)")).scalar_one()
 
 
 def mark_started(bind: Bind, started: Sequence[tuple[int, uuid.UUID]]) -> None:

@@ -223,13 +223,3 @@ def test_memory_pressure_pauses_claims_until_normal(engine, local_supervisor):
     step(supervisor, Readings(other_cpu_percent=0.0, memory_level="normal", memory_detail={"source": "test"}))
 
     assert store.get_job(engine, job_id).status == "running"
-
-
-def test_limits_notice_without_notification_after_a_sweep(engine, local_supervisor):
-    supervisor = local_supervisor
-    supervisor.limits_exist = False
-    store.set_limit(engine, "user", "tester", 5)
-    supervisor.next_sweep = 0.0
-    supervisor.tick(time.monotonic())
-
-    assert supervisor.limits_exist is True
