@@ -106,7 +106,6 @@ jobs = sa.Table(
     # The claim query walks these small indices of queued and running jobs
     # only, so millions of finished rows cost it nothing.
     sa.Index("ix_jobs_queue", "submitted_by", "analysis", "queue_key", postgresql_where=sa.text("status = 'queued'")),
-    sa.Index("ix_jobs_queue_key", "queue_key", postgresql_where=sa.text("status = 'queued'")),
     sa.Index("ix_jobs_running_owner", "submitted_by", "analysis", postgresql_where=sa.text("status = 'running'")),
     sa.Index("ix_jobs_status_id", "status", sa.text("id DESC")),
     sa.Index("ix_jobs_analysis_id", "analysis", sa.text("id DESC")),

@@ -35,7 +35,6 @@ def upgrade() -> None:
     op.drop_index("ix_jobs_claim", table_name="jobs")
     op.create_index("ix_jobs_queue", "jobs", ["submitted_by", "analysis", "queue_key"],
                     postgresql_where=sa.text("status = 'queued'"))
-    op.create_index("ix_jobs_queue_key", "jobs", ["queue_key"], postgresql_where=sa.text("status = 'queued'"))
     op.create_index("ix_jobs_running_owner", "jobs", ["submitted_by", "analysis"],
                     postgresql_where=sa.text("status = 'running'"))
 
@@ -54,7 +53,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("job_limits")
     op.drop_index("ix_jobs_running_owner", table_name="jobs")
-    op.drop_index("ix_jobs_queue_key", table_name="jobs")
     op.drop_index("ix_jobs_queue", table_name="jobs")
     op.create_index("ix_jobs_claim", "jobs", [sa.text("priority DESC"), "id"],
                     postgresql_where=sa.text("status = 'queued'"))
