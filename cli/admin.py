@@ -230,9 +230,9 @@ def db_url(ctx: typer.Context) -> None:
 def db_stop(ctx: typer.Context) -> None:
     """Stop the embedded Postgres server; the next command that needs it starts it again."""
     settings = load_settings(ctx)
-    if settings.database_url:
-        typer.echo("error: a database URL is configured (ANALYSIS_DATABASE_URL or --database-url); "
-                   "only the embedded server can be stopped with this command", err=True)
+    if settings.effective_database_url:
+        typer.echo("error: a database URL is configured (ANALYSIS_DATABASE_URL, ANALYSIS_DATABASE_URL_FILE or "
+                   "their flags); only the embedded server can be stopped with this command", err=True)
         raise typer.Exit(2)
     pgdata = settings.effective_data_dir / "postgres"
     if embedded.stop(settings.effective_data_dir):
@@ -341,7 +341,8 @@ Examples:
 
 Sources, later winning: default, the TOML file (ANALYSIS_CONFIG, else
 <data dir>/config.toml), ANALYSIS_* environment variables, then flags.
-Passwords in the database URL are shown as ***.
+Passwords in the database URL are shown as ***, also for a URL read from
+database_url_file.
 """
 
 
@@ -373,11 +374,15 @@ def config_show(
 
 def config_rows(settings: config_module.Config) -> list[dict[str, Any]]:
     """Return every setting's value, effective value, source and variable; URLs redacted."""
+    if settings.database_url_from_file:
+        database_url = redact_url(settings.database_url_from_file)
+    else:
+        database_url = f"embedded server in {settings.effective_data_dir / 'postgres'}"
     computed = {
         "data_dir": settings.effective_data_dir,
         "results_dir": settings.effective_results_dir,
         "workers": settings.effective_workers,
-        "database_url": f"embedded server in {settings.effective_data_dir / 'postgres'}",
+        "database_url": database_url,
     }
     rows = []
     for setting in config_module.SETTINGS:

@@ -67,6 +67,10 @@ def main(
         help=setting_help("database_url", "Prefer the environment variable: a password on the "
                                           "command line is visible to other users of the machine"),
         envvar=config_module.env_name("database_url"), show_envvar=True, show_default=False)] = None,
+    database_url_file: Annotated[Path | None, typer.Option(
+        "--database-url-file", metavar="FILE", help=setting_help("database_url_file"),
+        envvar=config_module.env_name("database_url_file"), show_envvar=True, show_default=False,
+        dir_okay=False)] = None,
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", metavar="DIR", help=setting_help("data_dir"),
         envvar=config_module.env_name("data_dir"), show_envvar=True, show_default=False, file_okay=False)] = None,
@@ -77,7 +81,8 @@ def main(
         "--version", help="Print the version and exit.", callback=_show_version, is_eager=True)] = False,
 ) -> None:
     """Submit, follow and manage durable analysis jobs of the sensor-monitoring controller."""
-    overrides = command_line_values(ctx, database_url=database_url, data_dir=data_dir)
+    overrides = command_line_values(ctx, database_url=database_url, database_url_file=database_url_file,
+                                    data_dir=data_dir)
     typed_config = command_line_values(ctx, config_file=config_file)
     ctx.obj = GlobalOptions(config_file=typed_config.get("config_file"), overrides=overrides)
 
