@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import textwrap
 from pathlib import Path
@@ -23,9 +24,11 @@ from cli.common import (
     setting_option,
 )
 from supervisor import config as config_module
-from supervisor import db, embedded, runs, sweeps
-from supervisor.errors import SchemaOutOfDate
+from supervisor import db, embedded, logs, runs, sweeps
+from supervisor.errors import ConfigError, SchemaOutOfDate
 from supervisor.store import SWEEP_BATCH
+
+logger = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400
 # Column of parameter names in the text output of `analyses`.
@@ -48,6 +51,13 @@ Examples:
 Runs in the foreground until SIGTERM or SIGINT, then gives running jobs
 the shutdown grace period to stop and puts the rest back in the queue.
 Logs go to stderr: text on a terminal, JSON lines otherwise.
+
+Exit codes:
+  0  stopped by SIGTERM or SIGINT after re-queueing unfinished jobs
+  2  invalid configuration
+  4  a second SIGTERM or SIGINT forced an immediate exit
+  5  database unavailable, after 5 attempts over about 15 seconds
+  6  database schema out of date, after the same attempts
 """
 
 
@@ -76,13 +86,21 @@ def supervisor_run(
     results_dir: Annotated[Path | None, setting_option("results_dir", "--results-dir", file_okay=False)] = None,
 ) -> None:
     """Run a supervisor in the foreground: claim queued jobs and run them in worker processes."""
-    settings = load_settings(
-        ctx, workers=workers, lease_seconds=lease_seconds, heartbeat_seconds=heartbeat_seconds,
-        poll_seconds=poll_seconds, cancel_grace_seconds=cancel_grace_seconds,
-        shutdown_grace_seconds=shutdown_grace_seconds, progress_interval_seconds=progress_interval_seconds,
-        worker_start_timeout_seconds=worker_start_timeout_seconds, max_jobs_per_worker=max_jobs_per_worker,
-        retry_base_seconds=retry_base_seconds, retry_max_seconds=retry_max_seconds, results_dir=results_dir,
-    )
+    try:
+        settings = load_settings(
+            ctx, workers=workers, lease_seconds=lease_seconds, heartbeat_seconds=heartbeat_seconds,
+            poll_seconds=poll_seconds, cancel_grace_seconds=cancel_grace_seconds,
+            shutdown_grace_seconds=shutdown_grace_seconds, progress_interval_seconds=progress_interval_seconds,
+            worker_start_timeout_seconds=worker_start_timeout_seconds, max_jobs_per_worker=max_jobs_per_worker,
+            retry_base_seconds=retry_base_seconds, retry_max_seconds=retry_max_seconds, results_dir=results_dir,
+        )
+    except ConfigError as error:
+        # Logged, not printed, so that a service's log file holds JSON lines only.
+        logs.configure()
+        logger.critical("supervisor cannot start",
+                        extra={"event": "supervisor_start_failed", "error": error.message,
+                               "exit_code": error.exit_code})
+        raise typer.Exit(error.exit_code) from None
     # Imported here so that every other command works in an installation
     # whose supervisor module cannot be imported.
     try:

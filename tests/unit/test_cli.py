@@ -477,11 +477,23 @@ def test_supervisor_run_without_loop_module(runner, monkeypatch):
     assert "supervisor.loop" in result.stderr
 
 
-def test_supervisor_run_rejects_bad_lease(runner):
+def test_supervisor_run_rejects_bad_lease(runner, restore_root_logger):
     result = runner.invoke(app, ["supervisor", "run", "--lease-seconds", "4", "--heartbeat-seconds", "3"])
 
     assert result.exit_code == 2
     assert "heartbeat_seconds" in result.stderr
+
+
+def test_supervisor_run_logs_config_error_as_json(runner, restore_root_logger):
+    result = runner.invoke(app, ["supervisor", "run", "--lease-seconds", "4", "--heartbeat-seconds", "3"])
+
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["event"] == "supervisor_start_failed"
+    assert record["level"] == "CRITICAL"
+    assert record["exit_code"] == 2
+    assert "heartbeat_seconds" in record["error"]
 
 
 # analyses -----------------------------------------------------------------------------
