@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli import admin, data, demo, doctor, jobs
+from cli import admin, data, demo, doctor, jobs, service
 from cli.common import CommandGroup, GlobalOptions, command_line_values, setting_help
 from supervisor import config as config_module
 
@@ -28,12 +28,16 @@ is started and left running for later commands.
 
 Exit codes:
   0  success
-  1  the job did not end as expected (failed, cancelled or expired), or doctor found a problem
+  1  the job did not end as expected (failed, cancelled or expired), doctor found a problem,
+     or service status found no loaded service
   2  invalid command line or configuration
   3  job not found
-  4  invalid request (unknown analysis, bad parameter, unreadable input file); nothing was written
+  4  invalid request (unknown analysis, bad parameter, unreadable input file, a different
+     service plist in the way); nothing was written
   5  database unavailable
   6  database schema out of date (run `analysisctl db upgrade`)
+  7  launchd is not available on this host (service commands); nothing was changed
+  8  a launchctl command failed (service commands)
   130  interrupted (Ctrl-C); a followed job keeps running
 """
 
@@ -92,6 +96,7 @@ admin.register(app)
 doctor.register(app)
 data.register(app)
 demo.register(app)
+service.register(app)
 
 
 def run() -> None:
