@@ -33,7 +33,8 @@ HEARTBEAT_SECONDS_DEFAULT = 5.0
 POLL_SECONDS_DEFAULT = 1.0
 CANCEL_GRACE_SECONDS_DEFAULT = 10.0
 # A stopping supervisor must re-queue its jobs before its service manager
-# sends SIGKILL: under launchd, set ExitTimeOut well above this (20 s).
+# sends SIGKILL: the plist and unit that `analysisctl service install`
+# renders allow this grace plus 20 s (cli/service_definition.py).
 SHUTDOWN_GRACE_SECONDS_DEFAULT = 10.0
 PROGRESS_INTERVAL_SECONDS_DEFAULT = 0.5
 WORKER_START_TIMEOUT_SECONDS_DEFAULT = 60.0
