@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import textwrap
 from pathlib import Path
@@ -23,9 +24,11 @@ from cli.common import (
     setting_option,
 )
 from supervisor import config as config_module
-from supervisor import db, embedded, runs, sweeps
-from supervisor.errors import SchemaOutOfDate
+from supervisor import db, embedded, logs, runs, sweeps
+from supervisor.errors import ConfigError, SchemaOutOfDate
 from supervisor.store import SWEEP_BATCH
+
+logger = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400
 # Column of parameter names in the text output of `analyses`.
@@ -48,6 +51,13 @@ Examples:
 Runs in the foreground until SIGTERM or SIGINT, then gives running jobs
 the shutdown grace period to stop and puts the rest back in the queue.
 Logs go to stderr: text on a terminal, JSON lines otherwise.
+
+Exit codes:
+  0  stopped by SIGTERM or SIGINT after re-queueing unfinished jobs
+  2  invalid configuration
+  4  a second SIGTERM or SIGINT forced an immediate exit
+  5  database unavailable, after 5 attempts over about 15 seconds
+  6  database schema out of date, after the same attempts
 """
 
 
@@ -76,13 +86,21 @@ def supervisor_run(
     results_dir: Annotated[Path | None, setting_option("results_dir", "--results-dir", file_okay=False)] = None,
 ) -> None:
     """Run a supervisor in the foreground: claim queued jobs and run them in worker processes."""
-    settings = load_settings(
-        ctx, workers=workers, lease_seconds=lease_seconds, heartbeat_seconds=heartbeat_seconds,
-        poll_seconds=poll_seconds, cancel_grace_seconds=cancel_grace_seconds,
-        shutdown_grace_seconds=shutdown_grace_seconds, progress_interval_seconds=progress_interval_seconds,
-        worker_start_timeout_seconds=worker_start_timeout_seconds, max_jobs_per_worker=max_jobs_per_worker,
-        retry_base_seconds=retry_base_seconds, retry_max_seconds=retry_max_seconds, results_dir=results_dir,
-    )
+    try:
+        settings = load_settings(
+            ctx, workers=workers, lease_seconds=lease_seconds, heartbeat_seconds=heartbeat_seconds,
+            poll_seconds=poll_seconds, cancel_grace_seconds=cancel_grace_seconds,
+            shutdown_grace_seconds=shutdown_grace_seconds, progress_interval_seconds=progress_interval_seconds,
+            worker_start_timeout_seconds=worker_start_timeout_seconds, max_jobs_per_worker=max_jobs_per_worker,
+            retry_base_seconds=retry_base_seconds, retry_max_seconds=retry_max_seconds, results_dir=results_dir,
+        )
+    except ConfigError as error:
+        # Logged, not printed, so that a service's log file holds JSON lines only.
+        logs.configure()
+        logger.critical("supervisor cannot start",
+                        extra={"event": "supervisor_start_failed", "error": error.message,
+                               "exit_code": error.exit_code})
+        raise typer.Exit(error.exit_code) from None
     # Imported here so that every other command works in an installation
     # whose supervisor module cannot be imported.
     try:
@@ -239,9 +257,9 @@ def db_url(ctx: typer.Context) -> None:
 def db_stop(ctx: typer.Context) -> None:
     """Stop the embedded Postgres server; the next command that needs it starts it again."""
     settings = load_settings(ctx)
-    if settings.database_url:
-        typer.echo("error: a database URL is configured (ANALYSIS_DATABASE_URL or --database-url); "
-                   "only the embedded server can be stopped with this command", err=True)
+    if settings.effective_database_url:
+        typer.echo("error: a database URL is configured (ANALYSIS_DATABASE_URL, ANALYSIS_DATABASE_URL_FILE or "
+                   "their flags); only the embedded server can be stopped with this command", err=True)
         raise typer.Exit(2)
     pgdata = settings.effective_data_dir / "postgres"
     if embedded.stop(settings.effective_data_dir):
@@ -350,7 +368,8 @@ Examples:
 
 Sources, later winning: default, the TOML file (ANALYSIS_CONFIG, else
 <data dir>/config.toml), ANALYSIS_* environment variables, then flags.
-Passwords in the database URL are shown as ***.
+Passwords in the database URL are shown as ***, also for a URL read from
+database_url_file.
 """
 
 
@@ -382,11 +401,15 @@ def config_show(
 
 def config_rows(settings: config_module.Config) -> list[dict[str, Any]]:
     """Return every setting's value, effective value, source and variable; URLs redacted."""
+    if settings.database_url_from_file:
+        database_url = redact_url(settings.database_url_from_file)
+    else:
+        database_url = f"embedded server in {settings.effective_data_dir / 'postgres'}"
     computed = {
         "data_dir": settings.effective_data_dir,
         "results_dir": settings.effective_results_dir,
         "workers": settings.effective_workers,
-        "database_url": f"embedded server in {settings.effective_data_dir / 'postgres'}",
+        "database_url": database_url,
     }
     rows = []
     for setting in config_module.SETTINGS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import os
+import stat
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -113,17 +114,41 @@ def secrets_of(raw: str | None) -> list[str]:
 
 
 def scrub(message: str, urls: tuple[str | None, ...] = ()) -> str:
-    """Replace every password of ``urls`` and of ``ANALYSIS_DATABASE_URL`` in ``message`` with ``***``.
+    """Replace every password of ``urls`` and of the configured database URL in ``message`` with ``***``.
+
+    The configured URL is the one in ``ANALYSIS_DATABASE_URL`` or in the file
+    ``ANALYSIS_DATABASE_URL_FILE`` names.
 
     Messages are built with redacted URLs already; this is the safety net
     for text that quotes a URL from elsewhere, such as a driver error.
     """
     secrets: set[str] = set()
-    for raw in (os.environ.get(config_module.env_name("database_url")), *urls):
+    environ_file = os.environ.get(config_module.env_name("database_url_file"))
+    for raw in (os.environ.get(config_module.env_name("database_url")), url_in_file(environ_file), *urls):
         secrets.update(secrets_of(raw))
     for secret in sorted(secrets, key=len, reverse=True):
         message = message.replace(secret, "***")
     return message
+
+
+def url_in_file(path: str | Path | None) -> str | None:
+    """Return the stripped text of a database URL file, or None when there is none or it cannot be read."""
+    if not path:
+        return None
+    try:
+        # O_NONBLOCK and the regular-file check: a FIFO must not block an error message.
+        descriptor = os.open(Path(path).expanduser(), os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return None
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            return handle.read().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(descriptor)
 
 
 def current_user() -> str:
@@ -137,8 +162,9 @@ def current_user() -> str:
 
 def print_error(message: str, ctx: typer.Context | None = None) -> None:
     options = ctx.find_object(GlobalOptions) if ctx is not None else None
-    flag_url = options.overrides.get("database_url") if options is not None else None
-    typer.echo(f"error: {scrub(message, (flag_url,))}", err=True)
+    overrides = options.overrides if options is not None else {}
+    flag_urls = (overrides.get("database_url"), url_in_file(overrides.get("database_url_file")))
+    typer.echo(f"error: {scrub(message, flag_urls)}", err=True)
 
 
 def database_error(error: Exception) -> DatabaseUnavailable:
@@ -152,7 +178,8 @@ def database_error(error: Exception) -> DatabaseUnavailable:
         )
     return DatabaseUnavailable(
         f"the database connection failed: {first_line}; "
-        "check that the server is running and ANALYSIS_DATABASE_URL is right, then run the command again"
+        "check that the server is running and the database URL (`analysisctl config show`) is right, "
+        "then run the command again"
     )
 
 

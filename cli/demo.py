@@ -115,7 +115,9 @@ def demo(
 
     url = db.resolve_url(settings)
     where = redact_url(libpq_url(url))
-    embedded = "" if settings.database_url else f" (embedded server in {settings.effective_data_dir / 'postgres'})"
+    embedded = ""
+    if not settings.effective_database_url:
+        embedded = f" (embedded server in {settings.effective_data_dir / 'postgres'})"
     typer.echo(f"database: {where}{embedded}")
     engine = db.create_engine(url, settings)
     ctx.call_on_close(engine.dispose)
@@ -181,6 +183,8 @@ def start_supervisor(ctx: typer.Context, url: str, workers: int | None, log_path
     """Start ``analysisctl supervisor run`` against ``url``, logging to ``log_path``."""
     environ = dict(os.environ)
     environ[config_module.env_name("database_url")] = url
+    # The URL above replaces a URL file; the supervisor rejects both together.
+    environ.pop(config_module.env_name("database_url_file"), None)
     options = ctx.find_object(GlobalOptions) or GlobalOptions()
     if options.overrides.get("data_dir") is not None:
         environ[config_module.env_name("data_dir")] = str(options.overrides["data_dir"])

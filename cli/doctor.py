@@ -100,9 +100,10 @@ def run_checks(ctx: typer.Context) -> list[Finding]:
 
 
 def _database_fix(settings: config_module.Config) -> str:
-    if settings.database_url:
-        return ("check that the server is running and accepts connections, and that ANALYSIS_DATABASE_URL "
-                "(see `analysisctl config show`) names the right host, port, user and database")
+    if settings.effective_database_url:
+        return ("check that the server is running and accepts connections, and that the database URL "
+                "(ANALYSIS_DATABASE_URL or the file ANALYSIS_DATABASE_URL_FILE names; see `analysisctl config show`) "
+                "names the right host, port, user and database")
     return (f"the embedded server in {settings.effective_data_dir / 'postgres'} did not start; read its log "
             "there, or set ANALYSIS_DATABASE_URL to use another server")
 

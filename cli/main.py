@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli import admin, data, demo, doctor, jobs, limits
+from cli import admin, data, demo, doctor, jobs, limits, service
 from cli.common import CommandGroup, GlobalOptions, command_line_values, setting_help
 from supervisor import config as config_module
 
@@ -28,12 +28,16 @@ is started and left running for later commands.
 
 Exit codes:
   0  success
-  1  the job did not end as expected (failed, cancelled or expired), or doctor found a problem
+  1  the job did not end as expected (failed, cancelled or expired), doctor found a problem,
+     or service status found no loaded service
   2  invalid command line or configuration
   3  job not found
-  4  invalid request (unknown analysis, bad parameter, unreadable input file); nothing was written
+  4  invalid request (unknown analysis, bad parameter, unreadable input file, a different
+     service plist in the way); nothing was written
   5  database unavailable
   6  database schema out of date (run `analysisctl db upgrade`)
+  7  launchd is not available on this host (service commands); nothing was changed
+  8  a launchctl command failed (service commands)
   130  interrupted (Ctrl-C); a followed job keeps running
 """
 
@@ -67,6 +71,10 @@ def main(
         help=setting_help("database_url", "Prefer the environment variable: a password on the "
                                           "command line is visible to other users of the machine"),
         envvar=config_module.env_name("database_url"), show_envvar=True, show_default=False)] = None,
+    database_url_file: Annotated[Path | None, typer.Option(
+        "--database-url-file", metavar="FILE", help=setting_help("database_url_file"),
+        envvar=config_module.env_name("database_url_file"), show_envvar=True, show_default=False,
+        dir_okay=False)] = None,
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", metavar="DIR", help=setting_help("data_dir"),
         envvar=config_module.env_name("data_dir"), show_envvar=True, show_default=False, file_okay=False)] = None,
@@ -77,7 +85,8 @@ def main(
         "--version", help="Print the version and exit.", callback=_show_version, is_eager=True)] = False,
 ) -> None:
     """Submit, follow and manage durable analysis jobs of the sensor-monitoring controller."""
-    overrides = command_line_values(ctx, database_url=database_url, data_dir=data_dir)
+    overrides = command_line_values(ctx, database_url=database_url, database_url_file=database_url_file,
+                                    data_dir=data_dir)
     typed_config = command_line_values(ctx, config_file=config_file)
     ctx.obj = GlobalOptions(config_file=typed_config.get("config_file"), overrides=overrides)
 
@@ -88,6 +97,7 @@ doctor.register(app)
 data.register(app)
 demo.register(app)
 limits.register(app)
+service.register(app)
 
 
 def run() -> None:

@@ -4,15 +4,19 @@ The same as ``analysisctl supervisor run`` without flags; useful where the
 CLI's dependencies are not wanted, such as tests that start supervisors.
 """
 
+import logging
 import sys
 
-from supervisor import config, loop
+from supervisor import config, logs, loop
 from supervisor.errors import ConfigError
 
 if __name__ == "__main__":
     try:
         settings = config.load()
     except ConfigError as error:
-        print(f"error: {error.message}", file=sys.stderr)
+        logs.configure()
+        logging.getLogger("supervisor").critical(
+            "supervisor cannot start",
+            extra={"event": "supervisor_start_failed", "error": error.message, "exit_code": error.exit_code})
         sys.exit(error.exit_code)
     sys.exit(loop.run_supervisor(settings))

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import platform
+import stat
 import sys
 import tomllib
 from pathlib import Path
@@ -32,7 +33,8 @@ HEARTBEAT_SECONDS_DEFAULT = 5.0
 POLL_SECONDS_DEFAULT = 1.0
 CANCEL_GRACE_SECONDS_DEFAULT = 10.0
 # A stopping supervisor must re-queue its jobs before its service manager
-# sends SIGKILL: under launchd, set ExitTimeOut well above this (20 s).
+# sends SIGKILL: the plist and unit that `analysisctl service install`
+# renders allow this grace plus 20 s (cli/service_definition.py).
 SHUTDOWN_GRACE_SECONDS_DEFAULT = 10.0
 PROGRESS_INTERVAL_SECONDS_DEFAULT = 0.5
 WORKER_START_TIMEOUT_SECONDS_DEFAULT = 60.0
@@ -45,13 +47,16 @@ RETRY_BASE_SECONDS_DEFAULT = 2.0
 RETRY_MAX_SECONDS_DEFAULT = 300.0
 
 
-def default_data_dir() -> Path:
-    """Return the per-user folder for the embedded database and result files."""
-    home = Path.home()
+def default_data_dir(home: Path | None = None) -> Path:
+    """Return the per-user folder for the embedded database and result files.
+
+    With ``home``, return the folder of the user whose home folder that is;
+    ``XDG_DATA_HOME`` of the current environment is then ignored.
+    """
     if sys.platform == "darwin":
-        return home / "Library" / "Application Support" / APP_NAME
-    xdg = os.environ.get("XDG_DATA_HOME")
-    return (Path(xdg) if xdg else home / ".local" / "share") / APP_NAME
+        return (home or Path.home()) / "Library" / "Application Support" / APP_NAME
+    xdg = os.environ.get("XDG_DATA_HOME") if home is None else None
+    return (Path(xdg) if xdg else (home or Path.home()) / ".local" / "share") / APP_NAME
 
 
 def default_workers() -> int:
@@ -89,6 +94,9 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("database_url", str, None,
             "Postgres URL (postgresql://user@host:port/db); unset starts an embedded server", secret=True),
+    Setting("database_url_file", Path, None,
+            "file containing the Postgres URL on one line, readable only by its owner (chmod 600); "
+            "use instead of database_url to keep a password out of the environment"),
     Setting("data_dir", Path, None, "folder for the embedded database and result files"),
     Setting("results_dir", Path, None, "folder for result files (default: <data dir>/results)"),
     Setting("workers", int, None, "worker processes (default: performance cores, else usable CPUs)"),
@@ -121,10 +129,15 @@ _BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Effective settings; ``sources`` maps each name to where its value came from."""
+    """Effective settings; ``sources`` maps each name to where its value came from.
+
+    ``database_url_from_file`` is the URL read from ``database_url_file`` when
+    the settings were loaded; ``effective_database_url`` is the one to use.
+    """
 
     values: dict[str, Any]
     sources: dict[str, str]
+    database_url_from_file: str | None = dataclasses.field(default=None, repr=False)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -144,6 +157,11 @@ class Config:
     def effective_workers(self) -> int:
         return self.values["workers"] or default_workers()
 
+    @property
+    def effective_database_url(self) -> str | None:
+        """The URL from ``database_url`` or ``database_url_file``; None means the embedded server."""
+        return self.values["database_url"] or self.database_url_from_file
+
     def replace(self, **overrides: Any) -> "Config":
         """Return a copy with ``overrides`` applied as flags (``None`` means unset)."""
         values, sources = dict(self.values), dict(self.sources)
@@ -152,8 +170,7 @@ class Config:
                 continue
             values[name] = _convert(_BY_NAME[name], value, "flag")
             sources[name] = "flag"
-        _check(values, sources)
-        return Config(values, sources)
+        return _build(values, sources)
 
 
 def _convert(setting: Setting, raw: Any, source: str) -> Any:
@@ -199,6 +216,69 @@ def _check(values: dict[str, Any], sources: dict[str, str]) -> None:
             f"{shown('throttle_resume_cpu_percent')} must not exceed {shown('throttle_pause_cpu_percent')}, "
             "or claims would pause and resume in quick succession"
         )
+    if values["database_url"] is not None and values["database_url_file"] is not None:
+        # The URL itself is not shown: it may contain a password.
+        raise ConfigError(
+            f"database_url (from {sources['database_url']}) and {shown('database_url_file')} are both set; "
+            "remove one of them"
+        )
+
+
+def _build(values: dict[str, Any], sources: dict[str, str]) -> Config:
+    """Check the settings, read the database URL file if one is set, and return the Config."""
+    _check(values, sources)
+    path = values["database_url_file"]
+    url = read_database_url_file(path, sources["database_url_file"]) if path is not None else None
+    return Config(values, sources, url)
+
+
+def read_database_url_file(path: Path, source: str) -> str:
+    """Return the database URL in ``path``, without surrounding whitespace.
+
+    Like ssh with a private key, this rejects a file that group or others may
+    access, because the URL usually contains a password. ``source`` names
+    where the path came from, for the error message.
+    """
+    where = f"database_url_file {path} (from {source})"
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{where} not found; write the database URL into it and run `chmod 600 {path}`, "
+            "or unset database_url_file"
+        ) from None
+    except PermissionError:
+        raise ConfigError(
+            f"{where} cannot be read: permission denied; run the command as the user that owns the file"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"{where} cannot be opened: {error.strerror}") from None
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise ConfigError(f"{where} is not a regular file; point database_url_file at a file")
+        if status.st_mode & 0o077:
+            raise ConfigError(
+                f"{where} is accessible by group or others (mode {stat.S_IMODE(status.st_mode):04o}), "
+                f"but it holds the database password; run `chmod 600 {path}`"
+            )
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            raw = handle.read()
+    finally:
+        os.close(descriptor)
+    try:
+        url = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not UTF-8 text; write the database URL into it") from None
+    if not url:
+        raise ConfigError(
+            f"{where} is empty; write the database URL into it, such as "
+            "postgresql://user:password@host:5432/database"
+        )
+    if "\n" in url or "\r" in url:
+        raise ConfigError(f"{where} contains more than one line; write only the database URL into it")
+    return url
 
 
 def env_name(name: str) -> str:
@@ -228,8 +308,7 @@ def load(environ: dict[str, str] | None = None, config_file: Path | None = None)
         if raw not in (None, ""):
             values[setting.name] = _convert(setting, raw, env_name(setting.name))
             sources[setting.name] = env_name(setting.name)
-    _check(values, sources)
-    return Config(values, sources)
+    return _build(values, sources)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -27,21 +27,24 @@ logger = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def normalise_url(raw: str) -> str:
-    """Return ``raw`` with the psycopg 3 driver named, or raise ``ConfigError``."""
+def normalise_url(raw: str, source: str = "ANALYSIS_DATABASE_URL") -> str:
+    """Return ``raw`` with the psycopg 3 driver named, or raise ``ConfigError`` naming ``source``."""
     try:
         url = make_url(raw)
     except sa.exc.ArgumentError:
         raise ConfigError(
-            f"ANALYSIS_DATABASE_URL is not a valid URL: {redact(raw)!r}; "
-            "expected postgresql://user@host:5432/database"
+            f"the database URL from {source} is not a valid URL; expected postgresql://user@host:5432/database"
         ) from None
     if url.get_backend_name() != "postgresql":
         raise ConfigError(
-            f"database URL {redact(raw)!r} is not a Postgres URL; expected postgresql://user@host:5432/database"
+            f"database URL {redact(raw)!r} (from {source}) is not a Postgres URL; "
+            "expected postgresql://user@host:5432/database"
         )
     if url.get_driver_name() not in ("psycopg", "psycopg2", ""):
-        raise ConfigError(f"database URL {redact(raw)!r} names driver {url.get_driver_name()!r}; use postgresql://")
+        raise ConfigError(
+            f"database URL {redact(raw)!r} (from {source}) names driver {url.get_driver_name()!r}; "
+            "use postgresql://"
+        )
     return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
@@ -56,7 +59,9 @@ def redact(raw: str | URL) -> str:
 def resolve_url(settings: config_module.Config) -> str:
     """Return the configured database URL, starting the embedded server when none is set."""
     if settings.database_url:
-        return normalise_url(settings.database_url)
+        return normalise_url(settings.database_url, settings.sources["database_url"])
+    if settings.database_url_from_file:
+        return normalise_url(settings.database_url_from_file, f"database_url_file {settings.database_url_file}")
     return embedded.start(settings.effective_data_dir)
 
 
@@ -110,7 +115,7 @@ def current_revision(engine: Engine) -> str | None:
     except sa.exc.OperationalError as error:
         raise DatabaseUnavailable(
             f"cannot connect to the database at {redact(engine.url)}: {error.orig}; "
-            "check that the server is running and ANALYSIS_DATABASE_URL is right"
+            "check that the server is running and the database URL (`analysisctl config show`) is right"
         ) from error
 
 

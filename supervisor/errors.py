@@ -74,3 +74,29 @@ class ConfigError(ServiceError):
     """The configuration is invalid."""
 
     exit_code = 2
+
+
+class InvalidOption(ServiceError):
+    """A command-line option has an invalid value; nothing was changed."""
+
+    exit_code = 2
+
+    def __init__(self, option: str, reason: str):
+        self.option = option
+        self.reason = reason
+        super().__init__(f"{option}: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.option, self.reason))
+
+
+class ServiceManagerUnavailable(ServiceError):
+    """launchd is not available on this host, so the service was not changed."""
+
+    exit_code = 7
+
+
+class ServiceManagerFailed(ServiceError):
+    """A launchctl command failed."""
+
+    exit_code = 8

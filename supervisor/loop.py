@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from analyses import registry
 from supervisor import config as config_module
 from supervisor import db, logs, memory, payloads, rates, runs, store, sweeps
-from supervisor.errors import ErrorCode, ServiceError
+from supervisor.errors import ConfigError, ErrorCode, ServiceError
 from supervisor.listener import Listener
 from supervisor.pool import Outcome, Task, WorkerPool
 from supervisor.throttle import Reader, Throttle
@@ -46,10 +46,18 @@ logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 
-# Exit codes of `analysisctl supervisor run`.
+# Exit codes of `analysisctl supervisor run`. A supervisor that cannot start
+# exits with its error's code instead: 2 (ConfigError), 5
+# (DatabaseUnavailable) or 6 (SchemaOutOfDate), as the other commands do.
 EXIT_OK = 0
-EXIT_START_FAILED = 3
 EXIT_FORCED = 4
+
+# Start-up attempts before a supervisor gives up, and the first wait between
+# them, which doubles up to START_RETRY_MAX_SECONDS: 1 + 2 + 4 + 8 = 15 s of
+# waiting in all.
+START_ATTEMPTS = 5
+START_RETRY_SECONDS = 1.0
+START_RETRY_MAX_SECONDS = 30.0
 
 # A progress event (as opposed to the row update) is recorded at most this
 # often per job, so the event history stays small for long jobs.
@@ -789,25 +797,30 @@ def remove_result_file(path: str, results_dir) -> None:
     target.unlink(missing_ok=True)
 
 
-def connect_with_backoff(settings: config_module.Config, attempts: int = 5, **engine_options) -> sa.Engine:
+def connect_with_backoff(settings: config_module.Config, attempts: int = START_ATTEMPTS,
+                         **engine_options) -> sa.Engine:
     """Connect and check the schema, retrying with backoff before giving up.
 
-    launchd restarts a failed service every ThrottleInterval forever, so a
-    supervisor that cannot start backs off by itself first instead of
-    hammering the database.
+    Retries while the database is unavailable or its schema is not at head,
+    and raises the last error after ``attempts`` tries. launchd restarts a
+    failed service every ThrottleInterval forever, so a supervisor that
+    cannot start backs off by itself first instead of hammering the
+    database. A ``ConfigError`` is raised at once: waiting cannot fix it.
     """
-    delay = 1.0
+    delay = START_RETRY_SECONDS
     for attempt in range(1, attempts + 1):
         try:
             return db.connect(settings, **engine_options)
+        except ConfigError:
+            raise
         except ServiceError as error:
             if attempt == attempts:
                 raise
             logger.warning("start-up check failed; retrying",
                            extra={"event": "supervisor_start_retry", "error": error.message,
-                                  "retry_in_seconds": delay})
+                                  "attempt": attempt, "retry_in_seconds": delay})
             time.sleep(delay)
-            delay = min(30.0, delay * 2)
+            delay = min(START_RETRY_MAX_SECONDS, delay * 2)
     raise AssertionError("unreachable")
 
 
@@ -822,8 +835,10 @@ def run_supervisor(settings: config_module.Config, *, configure_logging: bool = 
         # whole pool and the main loop retries with backoff.
         engine = connect_with_backoff(settings, pool_pre_ping=False)
     except ServiceError as error:
-        logger.critical("supervisor cannot start", extra={"event": "supervisor_start_failed", "error": error.message})
-        return EXIT_START_FAILED
+        logger.critical("supervisor cannot start",
+                        extra={"event": "supervisor_start_failed", "error": error.message,
+                               "exit_code": error.exit_code})
+        return error.exit_code
     supervisor = Supervisor(settings, engine)
     supervisor.start()
     signal.signal(signal.SIGTERM, supervisor.request_stop)

@@ -37,9 +37,10 @@ from supervisor.progress import SlotWriter
 
 logger = logging.getLogger(__name__)
 
-# Variables read by OpenMP, OpenBLAS, MKL and Accelerate when they load. One
-# thread per worker keeps a pool of N workers at N busy cores.
-NATIVE_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+# Variables read by OpenMP, OpenBLAS, MKL, Accelerate and numexpr when they
+# load. One thread per worker keeps a pool of N workers at N busy cores.
+NATIVE_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+                           "NUMEXPR_NUM_THREADS")
 
 # Test-only hook: when this environment variable is "1", worker initialisation
 # raises, so tests can exercise the pool's start-up failure handling.

@@ -8,6 +8,7 @@ unique name and drops it at the end.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import uuid
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from supervisor import config, db, embedded
+from supervisor import config, db, embedded, logs
 
 TABLES = ("job_results", "job_events", "jobs", "supervisors", "readings", "job_limits")
 
@@ -61,6 +62,26 @@ class ScratchDatabases:
         with psycopg.connect(_libpq(self.server_url), autocommit=True) as connection:
             for name in self.created:
                 connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def restore_root_logger():
+    """The root logger; handlers that ``supervisor.logs.configure`` installs are removed afterwards.
+
+    pytest's own capture handlers come and go with each test phase, so only
+    other handlers present before the test are put back.
+    """
+    root = logging.getLogger()
+    before = [handler for handler in root.handlers if not type(handler).__module__.startswith("_pytest")]
+    level = root.level
+    yield root
+    for handler in list(root.handlers):
+        if isinstance(handler.formatter, (logs.JsonFormatter, logs.TextFormatter)):
+            root.removeHandler(handler)
+    for handler in before:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,8 @@ def strict_loads(text: str):
 @pytest.fixture
 def runner(tmp_path) -> CliRunner:
     return CliRunner(env={"ANALYSIS_DATABASE_URL": UNREACHABLE_URL, "ANALYSIS_DATA_DIR": str(tmp_path),
-                          "ANALYSIS_CONFIG": None, "ANALYSIS_WORKERS": None, "ANALYSIS_LEASE_SECONDS": None})
+                          "ANALYSIS_DATABASE_URL_FILE": None, "ANALYSIS_CONFIG": None, "ANALYSIS_WORKERS": None,
+                          "ANALYSIS_LEASE_SECONDS": None})
 
 
 def make_job(**fields) -> Job:
@@ -371,6 +372,47 @@ def test_config_show_hides_password(runner, url, json_flag):
     assert "***" in result.output
 
 
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_config_show_hides_password_from_url_file(runner, tmp_path, json_flag):
+    url_file = tmp_path / "database-url"
+    url_file.write_text("postgresql://postgres:hunter2@127.0.0.1:5432/db\n")
+    url_file.chmod(0o600)
+
+    result = runner.invoke(app, ["config", "show", *json_flag],
+                           env={"ANALYSIS_DATABASE_URL": None, "ANALYSIS_DATABASE_URL_FILE": str(url_file)})
+
+    assert result.exit_code == 0, result.output
+    assert "hunter2" not in result.output
+    assert "postgresql://postgres:***@127.0.0.1:5432/db" in result.output
+    assert str(url_file) in result.output
+
+
+def test_url_file_flag_read(runner, tmp_path):
+    url_file = tmp_path / "database-url"
+    url_file.write_text("postgresql://postgres:hunter2@127.0.0.1:5432/db\n")
+    url_file.chmod(0o600)
+
+    result = runner.invoke(app, ["--database-url-file", str(url_file), "config", "show", "--json"],
+                           env={"ANALYSIS_DATABASE_URL": None})
+
+    rows = {row["name"]: row for row in strict_loads(result.stdout)["settings"]}
+    assert rows["database_url_file"]["source"] == "flag"
+    assert rows["database_url"]["effective"] == "postgresql://postgres:***@127.0.0.1:5432/db"
+
+
+def test_url_file_group_readable_exits_2(runner, tmp_path):
+    url_file = tmp_path / "database-url"
+    url_file.write_text("postgresql://postgres:hunter2@127.0.0.1:5432/db\n")
+    url_file.chmod(0o640)
+
+    result = runner.invoke(app, ["config", "show"],
+                           env={"ANALYSIS_DATABASE_URL": None, "ANALYSIS_DATABASE_URL_FILE": str(url_file)})
+
+    assert result.exit_code == 2
+    assert f"chmod 600 {url_file}" in result.stderr
+    assert "hunter2" not in result.output
+
+
 def test_config_show_sources(runner):
     result = runner.invoke(app, ["--data-dir", "/tmp/flagdir", "config", "show", "--json"],
                            env={"ANALYSIS_WORKERS": "3"})
@@ -436,11 +478,23 @@ def test_supervisor_run_without_loop_module(runner, monkeypatch):
     assert "supervisor.loop" in result.stderr
 
 
-def test_supervisor_run_rejects_bad_lease(runner):
+def test_supervisor_run_rejects_bad_lease(runner, restore_root_logger):
     result = runner.invoke(app, ["supervisor", "run", "--lease-seconds", "4", "--heartbeat-seconds", "3"])
 
     assert result.exit_code == 2
     assert "heartbeat_seconds" in result.stderr
+
+
+def test_supervisor_run_logs_config_error_as_json(runner, restore_root_logger):
+    result = runner.invoke(app, ["supervisor", "run", "--lease-seconds", "4", "--heartbeat-seconds", "3"])
+
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["event"] == "supervisor_start_failed"
+    assert record["level"] == "CRITICAL"
+    assert record["exit_code"] == 2
+    assert "heartbeat_seconds" in record["error"]
 
 
 # analyses -----------------------------------------------------------------------------

@@ -386,3 +386,157 @@ def test_env_zero_workers_names_source(environ):
         config.load({**environ, "ANALYSIS_WORKERS": "0"})
 
     assert "ANALYSIS_WORKERS" in caught.value.message
+
+
+def test_default_data_dir_for_other_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+
+    folder = config.default_data_dir(home=tmp_path / "someone")
+
+    assert folder.is_relative_to(tmp_path / "someone")
+    assert folder.name == config.APP_NAME
+
+
+# Database URL file -------------------------------------------------------------
+
+SECRET_URL = "postgresql://analysis:hunter2@127.0.0.1:5432/analysis"
+
+
+def write_url_file(path: Path, text: str = SECRET_URL + "\n", mode: int = 0o600) -> Path:
+    path.write_text(text, encoding="utf-8")
+    path.chmod(mode)
+    return path
+
+
+def test_url_file_is_read_and_stripped(environ, tmp_path):
+    path = write_url_file(tmp_path / "url", f"  \n{SECRET_URL}\n\n")
+
+    settings = config.load({**environ, "ANALYSIS_DATABASE_URL_FILE": str(path)})
+
+    assert settings.database_url is None
+    assert settings.database_url_file == path
+    assert settings.sources["database_url_file"] == "ANALYSIS_DATABASE_URL_FILE"
+    assert settings.effective_database_url == SECRET_URL
+
+
+def test_url_file_from_toml(environ, tmp_path):
+    path = write_url_file(tmp_path / "url")
+    toml = write_toml(tmp_path / "c.toml", f'database_url_file = "{path}"\n')
+
+    settings = config.load(environ, config_file=toml)
+
+    assert settings.effective_database_url == SECRET_URL
+    assert settings.sources["database_url_file"] == str(toml)
+
+
+def test_url_file_from_flag(environ, tmp_path):
+    path = write_url_file(tmp_path / "url")
+
+    settings = config.load(environ).replace(database_url_file=str(path))
+
+    assert settings.effective_database_url == SECRET_URL
+    assert settings.sources["database_url_file"] == "flag"
+
+
+def test_url_file_unset_means_embedded(environ):
+    settings = config.load(environ)
+
+    assert settings.database_url_file is None
+    assert settings.effective_database_url is None
+
+
+def test_url_file_hidden_from_repr(environ, tmp_path):
+    path = write_url_file(tmp_path / "url")
+
+    settings = config.load({**environ, "ANALYSIS_DATABASE_URL_FILE": str(path)})
+
+    assert "hunter2" not in repr(settings)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660, 0o620])
+def test_url_file_accessible_by_others_rejected(environ, tmp_path, mode):
+    path = write_url_file(tmp_path / "url", mode=mode)
+
+    with pytest.raises(ConfigError) as caught:
+        config.load({**environ, "ANALYSIS_DATABASE_URL_FILE": str(path)})
+
+    message = caught.value.message
+    assert str(path) in message
+    assert f"chmod 600 {path}" in message
+    assert f"{mode:04o}" in message
+    assert "hunter2" not in message
+
+
+def test_url_file_missing_rejected(environ, tmp_path):
+    path = tmp_path / "no-such-file"
+
+    with pytest.raises(ConfigError) as caught:
+        config.load({**environ, "ANALYSIS_DATABASE_URL_FILE": str(path)})
+
+    assert str(path) in caught.value.message
+    assert "not found" in caught.value.message
+    assert "(from ANALYSIS_DATABASE_URL_FILE)" in caught.value.message
+
+
+@pytest.mark.parametrize("text", ["", "  \n\t\n"])
+def test_url_file_empty_rejected(environ, tmp_path, text):
+    path = write_url_file(tmp_path / "url", text)
+
+    with pytest.raises(ConfigError) as caught:
+        config.load({**environ, "ANALYSIS_DATABASE_URL_FILE": str(path)})
+
+    assert str(path) in caught.value.message
+    assert "is empty" in caught.value.message
+
+
+def test_url_file_two_lines_rejected(environ, tmp_path):
+    path = write_url_file(tmp_path / "url", f"{SECRET_URL}\n{SECRET_URL}\n")
+
+    with pytest.raises(ConfigError) as caught:
+        config.load({**environ, "ANALYSIS_DATABASE_URL_FILE": str(path)})
+
+    assert "more than one line" in caught.value.message
+    assert "hunter2" not in caught.value.message
+
+
+def test_url_file_directory_rejected(environ, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir(mode=0o700)
+
+    with pytest.raises(ConfigError) as caught:
+        config.load({**environ, "ANALYSIS_DATABASE_URL_FILE": str(folder)})
+
+    assert "not a regular file" in caught.value.message
+
+
+def test_url_and_url_file_both_set_rejected(environ, tmp_path):
+    path = write_url_file(tmp_path / "url")
+
+    with pytest.raises(ConfigError) as caught:
+        config.load({**environ, "ANALYSIS_DATABASE_URL": SECRET_URL, "ANALYSIS_DATABASE_URL_FILE": str(path)})
+
+    message = caught.value.message
+    assert "database_url (from ANALYSIS_DATABASE_URL)" in message
+    assert f"database_url_file = {path} (from ANALYSIS_DATABASE_URL_FILE)" in message
+    assert "hunter2" not in message
+
+
+def test_url_flag_with_url_file_env_rejected(environ, tmp_path):
+    path = write_url_file(tmp_path / "url")
+    settings = config.load({**environ, "ANALYSIS_DATABASE_URL_FILE": str(path)})
+
+    with pytest.raises(ConfigError) as caught:
+        settings.replace(database_url=SECRET_URL)
+
+    assert "database_url (from flag)" in caught.value.message
+    assert "hunter2" not in caught.value.message
+
+
+def test_url_in_toml_with_url_file_env_rejected(environ, tmp_path):
+    path = write_url_file(tmp_path / "url")
+    toml = write_toml(tmp_path / "c.toml", f'database_url = "{SECRET_URL}"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        config.load({**environ, "ANALYSIS_DATABASE_URL_FILE": str(path)}, config_file=toml)
+
+    assert f"database_url (from {toml})" in caught.value.message
