@@ -27,7 +27,7 @@ Examples:
 A limit caps the running jobs of one user or analysis across every
 supervisor on the database; jobs over it wait in the queue. The name '*'
 sets the limit of each user or analysis without one of its own. With no
-limit, a user or analysis may fill every slot when nobody else waits;
+limit, a user or analysis may fill every slot while no other job waits;
 whenever several users wait, free slots go to the user with the fewest
 running jobs.
 """
@@ -51,7 +51,7 @@ def _target(user: str | None, analysis: str | None) -> tuple[str, str]:
 def limits_set(
     ctx: typer.Context,
     max_running: Annotated[int, typer.Argument(
-        metavar="MAX_RUNNING", help=f"Running jobs allowed at once, 0 to {store.MAX_LIMIT}; 0 holds them all.",
+        metavar="MAX_RUNNING", help=f"Running jobs allowed at once, 0 to {store.MAX_LIMIT}; 0 keeps all of them queued.",
         show_default=False)],
     user: UserOption = None,
     analysis: AnalysisOption = None,

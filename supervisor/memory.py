@@ -18,8 +18,8 @@ def tree_rss(pid: int) -> int | None:
     """Return the resident bytes of process ``pid`` and its descendants, or None if it is gone.
 
     Processes that exit while being read are left out. Shared pages count
-    once per process, which overstates a tree that shares much memory, such
-    as children forked from the worker; the limit errs on the side of
+    once per process, so a tree that shares much memory (children forked
+    from the worker) reads larger than it is. The limit thus errs towards
     stopping a job early rather than letting the machine swap.
     """
     try:

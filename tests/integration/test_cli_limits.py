@@ -14,11 +14,11 @@ def test_limits_set_show_clear(cli, engine):
     assert cli("limits", "set", "--user", "*", "4").exit_code == 0
     assert cli("limits", "set", "--analysis", "matrix-profile", "1").exit_code == 0
 
-    shown = json.loads(cli("limits", "show", "--json").stdout)
+    listed = json.loads(cli("limits", "show", "--json").stdout)
     text = cli("limits", "show").stdout
     cleared = cli("limits", "clear", "--analysis", "matrix-profile")
 
-    assert [(item["scope"], item["name"], item["max_running"]) for item in shown] == [
+    assert [(item["scope"], item["name"], item["max_running"]) for item in listed] == [
         ("analysis", "matrix-profile", 1), ("user", "*", 4)]
     assert "matrix-profile" in text
     assert cleared.exit_code == 0

@@ -119,7 +119,7 @@ def test_user_limit_holds_and_leaves_room_for_others(engine):
     assert claim(engine, 10) == [], "alice is at her limit"
 
 
-def test_default_user_limit_applies_to_users_without_their_own(engine):
+def test_default_user_limit_applies_to_others(engine):
     store.set_limit(engine, "user", store.ANY, 1)
     store.set_limit(engine, "user", "alice", 3)
     for user in ("alice", "bob", "carol"):
@@ -143,7 +143,7 @@ def test_analysis_limit_and_zero_hold_jobs(engine):
     assert store.clear_limit(engine, "analysis", "noop") is False
 
 
-def test_job_blocked_by_its_analysis_does_not_use_up_its_users_room(engine):
+def test_analysis_blocked_job_keeps_user_room(engine):
     # alice may run 2; matrix-profile may run 1 and already does. Her queue
     # starts with a second matrix-profile job, which must not keep her other
     # jobs from her two places.
@@ -163,7 +163,7 @@ def test_job_blocked_by_its_analysis_does_not_use_up_its_users_room(engine):
     assert claimed == others
 
 
-def test_claim_fills_room_left_by_a_job_that_lost_its_analysis_place(engine):
+def test_claim_repeats_after_analysis_limit_drop(engine):
     # matrix-profile may run 1; bob may run 1. bob's first job competes with
     # ann's older matrix-profile job and loses; his next job, of another
     # analysis, must still start in the same claim.

@@ -55,7 +55,7 @@ def test_flood_does_not_delay_another_users_jobs(engine, start_supervisor):
     cancel_queued(engine)
 
     # The first free slot goes to the latecomer; from then on each user
-    # holds one of the two slots, so the five late jobs run back to back
+    # runs on one of the two slots, so the five late jobs run back to back
     # while about as many flood jobs run beside them, instead of waiting
     # behind the ~990 flood jobs queued first (about 100 s of work).
     first_start = min(job.started_at for job in jobs).timestamp()
@@ -126,7 +126,7 @@ def test_memory_limit_stops_only_the_job_over_it(engine, start_supervisor):
     assert wait_for_status(engine, neighbour, "succeeded", timeout=30).attempt == 1
 
 
-def test_memory_kept_by_the_worker_is_not_charged_to_the_next_job(engine, start_supervisor):
+def test_worker_high_water_not_charged_to_next_job(engine, start_supervisor):
     start_supervisor(workers=1)
     large = submit(engine, steps=1, alloc_mib=400)
     small = submit(engine, steps=5, step_seconds=0.1, alloc_mib=100, memory_limit_mib=200)
@@ -143,7 +143,8 @@ def test_job_that_keeps_killing_its_worker_is_quarantined(engine, start_supervis
     job = wait_for_status(engine, crasher, "failed", timeout=60)
 
     assert job.error["code"] == "quarantined"
-    assert job.attempt == 3 and job.crashes == 3
+    assert job.attempt == 3
+    assert job.crashes == 3
     assert job.error["details"]["last_error"]["code"] == "worker_died"
     assert "crash budget 3" in job.error["message"]
     assert wait_for_status(engine, neighbour, "succeeded", timeout=30).attempt == 1
@@ -157,7 +158,8 @@ def test_crasher_with_few_attempts_ends_after_exactly_those(engine, start_superv
     job = wait_for_status(engine, crasher, "failed", timeout=60)
 
     assert job.error["code"] == "worker_died"
-    assert job.attempt == 2 and job.crashes == 2
+    assert job.attempt == 2
+    assert job.crashes == 2
 
 
 # Throttle, with injected readings in an in-process supervisor ------------------
@@ -199,7 +201,8 @@ def test_throttle_pauses_and_resumes_claims_with_hysteresis(engine, local_superv
         step(supervisor, Readings(other_cpu_percent=cpu, memory_level="normal", memory_detail={}))
         assert store.get_job(engine, job_id).status == "queued"
     [row] = runs.list_supervisors(engine)
-    assert row["throttle"]["state"] == "throttled" and row["throttle"]["reason"] == "cpu"
+    assert row["throttle"]["state"] == "throttled"
+    assert row["throttle"]["reason"] == "cpu"
     assert row["throttle"]["readings"]["other_cpu_percent"] == 61.0
     assert "since" in row["throttle"]
 
