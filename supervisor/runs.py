@@ -153,15 +153,24 @@ _CLAIM = sa.text(
         ) c
     ), running AS (
         SELECT submitted_by, analysis, count(*) AS n FROM jobs WHERE status = 'running' GROUP BY 1, 2
+    ), counting AS MATERIALIZED (
+        -- With one (user, analysis) pair waiting and no limits, running
+        -- counts cannot change the order, and reading them is skipped:
+        -- under heavy churn the running index holds many dead entries.
+        SELECT (SELECT count(*) FROM pairs) > 1 OR EXISTS (SELECT 1 FROM job_limits) AS needed
     ), users AS MATERIALIZED (
         SELECT submitted_by,
-               COALESCE((SELECT sum(n) FROM running r WHERE r.submitted_by = u.submitted_by), 0) AS user_running,
+               CASE WHEN (SELECT needed FROM counting)
+                    THEN COALESCE((SELECT sum(n) FROM running r WHERE r.submitted_by = u.submitted_by), 0)
+                    ELSE 0 END AS user_running,
                (SELECT max_running FROM job_limits WHERE scope = 'user' AND name IN (u.submitted_by, '*')
                 ORDER BY name = '*' LIMIT 1) AS user_limit
         FROM (SELECT DISTINCT submitted_by FROM pairs) u
     ), analyses AS MATERIALIZED (
         SELECT analysis,
-               COALESCE((SELECT sum(n) FROM running r WHERE r.analysis = a.analysis), 0) AS analysis_running,
+               CASE WHEN (SELECT needed FROM counting)
+                    THEN COALESCE((SELECT sum(n) FROM running r WHERE r.analysis = a.analysis), 0)
+                    ELSE 0 END AS analysis_running,
                (SELECT max_running FROM job_limits WHERE scope = 'analysis' AND name IN (a.analysis, '*')
                 ORDER BY name = '*' LIMIT 1) AS analysis_limit
         FROM (SELECT DISTINCT analysis FROM pairs) a
@@ -180,21 +189,23 @@ _CLAIM = sa.text(
         FROM user_ranked WHERE user_limit IS NULL OR user_load <= user_limit
     ), fitting AS (
         SELECT * FROM analysis_ranked WHERE analysis_limit IS NULL OR analysis_load <= analysis_limit
-    ), picked AS (
-        SELECT id, row_number() OVER (ORDER BY user_load, analysis_load, queue_key, id) AS position
-        FROM fitting ORDER BY position LIMIT :limit
+    ), picked AS MATERIALIZED (
+        -- The ids in claim order, as one array: the UPDATE below then finds
+        -- them through the primary key whatever the planner estimates.
+        SELECT array_agg(id ORDER BY user_load, analysis_load, queue_key, id) AS ids
+        FROM (SELECT * FROM fitting ORDER BY user_load, analysis_load, queue_key, id LIMIT :limit) first
     ), claimed AS (
         UPDATE jobs SET
             status = 'running', attempt = jobs.attempt + 1, attempt_token = gen_random_uuid(),
             lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :lease),
-            started_at = CASE WHEN picked.position <= :starting THEN now() END,
+            started_at = CASE WHEN array_position((SELECT ids FROM picked), jobs.id) <= :starting THEN now() END,
             updated_at = now(), event_seq = jobs.event_seq + 1,
             progress_phase = NULL, progress_completed = NULL, progress_total = NULL,
             progress_message = NULL, progress_rate = NULL, progress_eta_seconds = NULL,
             progress_updated_at = NULL
-        FROM picked
-        WHERE jobs.id = picked.id AND jobs.status = ANY(:sources) AND jobs.cancel_requested_at IS NULL
-        RETURNING jobs.*, picked.position
+        WHERE jobs.id = ANY(CAST((SELECT ids FROM picked) AS bigint[])) AND jobs.status = ANY(:sources)
+          AND jobs.cancel_requested_at IS NULL
+        RETURNING jobs.*, array_position((SELECT ids FROM picked), jobs.id) AS position
     ), events AS (
         INSERT INTO job_events (job_id, seq, kind, payload)
         SELECT id, event_seq, 'claimed',
