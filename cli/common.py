@@ -25,8 +25,8 @@ from sqlalchemy.engine import Engine, make_url
 from typer._click.core import ParameterSource
 from typer.core import TyperGroup
 
+from supervisor import access, db
 from supervisor import config as config_module
-from supervisor import db
 from supervisor.errors import DatabaseUnavailable, SchemaOutOfDate, ServiceError
 
 # Exit code of a command whose job ended in another status than the one it
@@ -160,6 +160,27 @@ def current_user() -> str:
         return f"uid-{os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 
+def acting_user(engine: Engine, requested: str | None) -> str | None:
+    """Return the user name a command records for its writes, or None to let the store use the login.
+
+    ``requested`` (``--user``) wins when given; the store permits another
+    user's name only to operators and unrestricted sessions. Otherwise a
+    session that row-level security does not restrict (a superuser or the
+    tables' owner, as in single-user setups) records the OS login name, as
+    before roles existed, and any other session records its database login.
+    """
+    if requested is not None:
+        return requested
+    try:
+        with engine.connect() as connection:
+            session = access.current_session(connection)
+    except sa.exc.DBAPIError as error:
+        if access.is_permission_error(error):
+            raise access.permission_denied(error) from error
+        raise
+    return None if session.restricted else current_user()
+
+
 def print_error(message: str, ctx: typer.Context | None = None) -> None:
     options = ctx.find_object(GlobalOptions) if ctx is not None else None
     overrides = options.overrides if options is not None else {}
@@ -188,7 +209,9 @@ class CommandGroup(TyperGroup):
 
     ``ServiceError`` subclasses carry their exit code (``supervisor.errors``).
     A connection lost in the middle of a command exits like
-    ``DatabaseUnavailable``. Other exceptions are bugs and keep their traceback.
+    ``DatabaseUnavailable``, and a privilege error from the server that the
+    store did not translate exits like ``PermissionDenied``. Other exceptions
+    are bugs and keep their traceback.
     """
 
     def invoke(self, ctx: typer.Context) -> Any:
@@ -201,6 +224,12 @@ class CommandGroup(TyperGroup):
             converted = database_error(error)
             print_error(converted.message, ctx)
             raise typer.Exit(converted.exit_code) from None
+        except (sa.exc.DBAPIError, psycopg.errors.InsufficientPrivilege) as error:
+            if not access.is_permission_error(error):
+                raise
+            denied = access.permission_denied(error)
+            print_error(denied.message, ctx)
+            raise typer.Exit(denied.exit_code) from None
         except alembic.util.CommandError as error:
             # Raised by the schema check for a revision that this version's
             # migrations do not contain, as after a newer version migrated.

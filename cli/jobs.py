@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from analyses import registry
 from cli import output
-from cli.common import EXIT_NOT_SUCCEEDED, current_user, load_settings, open_engine, require_one_of
+from cli.common import EXIT_NOT_SUCCEEDED, acting_user, load_settings, open_engine, require_one_of
 from cli.params import collect_params, parse_datetime
 from cli.watch import exit_unless, follow_interruptible
 from supervisor import store
@@ -79,7 +79,9 @@ def submit(
              "whose key is derived from the parameters.")] = None,
     priority: Annotated[int, typer.Option(help="Priority from -1000 to 1000; higher runs first.")] = 0,
     user: Annotated[str | None, typer.Option(
-        help="Submitting user, recorded on the job. Default: the OS login name.", show_default=False)] = None,
+        help="Submitting user, recorded on the job. Default: the database login, or the OS login name when "
+             "connected as a superuser or the tables' owner. Naming another user needs the "
+             "analysis_operator role.", show_default=False)] = None,
     max_attempts: Annotated[int | None, typer.Option(
         help="Runs allowed before the job fails, 1 to 100. Default: the analysis's setting.",
         show_default=False)] = None,
@@ -103,7 +105,7 @@ def submit(
     engine = open_engine(ctx, settings)
 
     result = store.submit(
-        engine, analysis, values, user=current_user() if user is None else user, key=key, priority=priority,
+        engine, analysis, values, user=acting_user(engine, user), key=key, priority=priority,
         max_attempts=max_attempts, start_by=deadline, timeout_seconds=timeout, memory_limit_mib=memory_limit,
         max_params_bytes=settings.max_params_bytes,
     )
@@ -327,7 +329,7 @@ def cancel(
     """Cancel a queued job, or ask a running job to stop."""
     settings = load_settings(ctx)
     engine = open_engine(ctx, settings)
-    result = store.request_cancel(engine, job_id, by=current_user())
+    result = store.request_cancel(engine, job_id, by=acting_user(engine, None))
     if result.outcome == "cancelled":
         typer.echo(f"job {job_id} cancelled before it started")
     elif result.outcome == "requested":

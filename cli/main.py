@@ -38,6 +38,7 @@ Exit codes:
   6  database schema out of date (run `analysisctl db upgrade`)
   7  launchd is not available on this host (service commands); nothing was changed
   8  a launchctl command failed (service commands)
+  9  not permitted: the database login lacks the role or privilege; nothing was written
   130  interrupted (Ctrl-C); a followed job keeps running
 """
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
+
+# Characters of a value's repr that an error message shows.
+SHOWN_VALUE_LENGTH = 80
 
 
 class ErrorCode(enum.StrEnum):
@@ -17,6 +21,12 @@ class ErrorCode(enum.StrEnum):
     SHUTDOWN = "shutdown"
     # Runs of the job kept killing their worker; see Analysis.crash_budget.
     QUARANTINED = "quarantined"
+
+
+def shorten(value: Any, limit: int = SHOWN_VALUE_LENGTH) -> str:
+    """Return ``repr(value)`` cut to ``limit`` characters, for quoting a rejected value in a message."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 class ServiceError(Exception):
@@ -39,7 +49,7 @@ class JobNotFound(ServiceError):
 
     def __init__(self, job_id: int | str):
         self.job_id = job_id
-        super().__init__(f"job {job_id} not found; `analysisctl list` shows existing jobs")
+        super().__init__(f"job {job_id} not found; `analysisctl list` shows the jobs you can see")
 
     def __reduce__(self):
         return (type(self), (self.job_id,))
@@ -68,6 +78,12 @@ class SchemaOutOfDate(ServiceError):
     """The database schema is not at the revision this version needs."""
 
     exit_code = 6
+
+
+class PermissionDenied(ServiceError):
+    """The database role of this session is not permitted to do this, and nothing was written."""
+
+    exit_code = 9
 
 
 class ConfigError(ServiceError):

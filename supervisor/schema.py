@@ -31,7 +31,8 @@ jobs = sa.Table(
     sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
     sa.Column("analysis", sa.Text, nullable=False),
     sa.Column("params", pg.JSONB, nullable=False),
-    # Set at submit; unique among queued and running jobs (uq_jobs_active_key).
+    # Set at submit; unique within its key_scope among queued and running
+    # jobs (uq_jobs_active_key).
     sa.Column("job_key", sa.Text),
     sa.Column("status", sa.Text, nullable=False, server_default="queued"),
     sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
@@ -84,6 +85,10 @@ jobs = sa.Table(
     sa.Column("crashes", sa.Integer, nullable=False, server_default="0"),
     # Resident memory the job's processes may grow by, in MiB; NULL: no limit.
     sa.Column("memory_limit_mib", sa.Integer),
+    # Where job_key deduplicates, set at submit: '' for jobs submitted by
+    # superusers, the table owner and operators, who see every job; the
+    # submitting user for an analyst's job, since an analyst sees only its own.
+    sa.Column("key_scope", sa.Text, nullable=False, server_default=""),
     sa.CheckConstraint(f"status IN ({STATUS_VALUES})", name="status"),
     sa.CheckConstraint("max_attempts >= 1 AND attempt >= 0 AND attempt <= max_attempts", name="attempts"),
     sa.CheckConstraint(
@@ -100,7 +105,7 @@ jobs = sa.Table(
     sa.CheckConstraint("crashes >= 0", name="crashes"),
     sa.CheckConstraint("memory_limit_mib IS NULL OR memory_limit_mib > 0", name="memory_limit"),
     sa.Index(
-        "uq_jobs_active_key", "job_key", unique=True,
+        "uq_jobs_active_key", "job_key", "key_scope", unique=True,
         postgresql_where=sa.text("job_key IS NOT NULL AND status IN ('queued', 'running')"),
     ),
     # The claim query walks these small indices of queued and running jobs

@@ -27,9 +27,9 @@ import sqlalchemy as sa
 
 from analyses import registry
 from analyses.errors import InvalidParams
-from supervisor import payloads
+from supervisor import access, payloads
 from supervisor.config import MAX_PARAMS_BYTES_DEFAULT
-from supervisor.errors import InvalidRequest, JobNotFound
+from supervisor.errors import InvalidRequest, JobNotFound, shorten
 from supervisor.transitions import Status
 
 logger = logging.getLogger(__name__)
@@ -134,11 +134,17 @@ class Event:
 
 @contextlib.contextmanager
 def _transaction(bind: Bind) -> Iterator[sa.Connection]:
-    if isinstance(bind, sa.Connection):
-        yield bind
-    else:
-        with bind.begin() as connection:
-            yield connection
+    """Yield a connection in a transaction; raise ``PermissionDenied`` for the server's privilege errors."""
+    try:
+        if isinstance(bind, sa.Connection):
+            yield bind
+        else:
+            with bind.begin() as connection:
+                yield connection
+    except sa.exc.DBAPIError as error:
+        if access.is_permission_error(error):
+            raise access.permission_denied(error) from error
+        raise
 
 
 def _json(document: Any) -> str:
@@ -149,16 +155,19 @@ def add_event(connection: sa.Connection, job_id: int, kind: str, payload: dict[s
     """Append an event to a job's history and return its sequence number.
 
     Call inside the transaction that changed the job: the job's row is then
-    locked, so sequence numbers stay gap-free and in order.
+    locked, so sequence numbers stay gap-free and in order. The number is
+    reserved and used in two statements, because the row-level security
+    policy for clients' events checks it against the reserved ``event_seq``,
+    which a single statement's insert could not yet see.
     """
     seq = connection.execute(
-        sa.text(
-            "WITH next AS (UPDATE jobs SET event_seq = event_seq + 1 WHERE id = :id RETURNING event_seq) "
-            "INSERT INTO job_events (job_id, seq, kind, payload) "
-            "SELECT :id, event_seq, :kind, CAST(:payload AS jsonb) FROM next RETURNING seq"
-        ),
-        {"id": job_id, "kind": kind, "payload": _json(payload or {})},
+        sa.text("UPDATE jobs SET event_seq = event_seq + 1 WHERE id = :id RETURNING event_seq"), {"id": job_id}
     ).scalar_one()
+    connection.execute(
+        sa.text("INSERT INTO job_events (job_id, seq, kind, payload) "
+                "VALUES (:id, :seq, :kind, CAST(:payload AS jsonb))"),
+        {"id": job_id, "seq": seq, "kind": kind, "payload": _json(payload or {})},
+    )
     return seq
 
 
@@ -194,7 +203,7 @@ def _validate_submission(
     try:
         params_json = payloads.canonical(validated)
     except payloads.PayloadError as error:
-        raise InvalidRequest(f"invalid parameters at {error.path}: {error.reason}", field="params") from None
+        raise InvalidRequest(_payload_message(error), field="params") from None
     except (ValueError, RecursionError) as error:  # e.g. an integer of more than 4300 digits
         raise InvalidRequest(f"invalid parameters: {error}", field="params") from None
     size = len(params_json.encode())
@@ -205,11 +214,14 @@ def _validate_submission(
             field="params",
         )
     for field, value, limit in (("user", user, MAX_USER_LENGTH), ("key", key, MAX_KEY_LENGTH)):
-        if value is None and field == "key":
+        if value is None:
             continue
         if not isinstance(value, str) or not value.strip() or len(value) > limit or not value.isprintable():
+            length = f" (it has {len(value)})" if isinstance(value, str) and len(value) > limit else ""
             raise InvalidRequest(
-                f"invalid {field} {value!r}: must be 1 to {limit} printable characters", field=field
+                f"invalid {field} {shorten(value)}: must be 1 to {limit} printable characters{length}, "
+                "without control, invisible formatting or unpaired surrogate characters",
+                field=field,
             )
     if isinstance(priority, bool) or not isinstance(priority, int) or not -1000 <= priority <= 1000:
         raise InvalidRequest(f"invalid priority {priority!r}: must be an integer from -1000 to 1000",
@@ -223,12 +235,22 @@ def _validate_submission(
     return analysis, params_json, key, attempts
 
 
+def _payload_message(error: payloads.PayloadError) -> str:
+    """Return the message for parameters that cannot be stored, naming the top-level parameter."""
+    parameter = error.path.split("/")[1].replace("~1", "/").replace("~0", "~") if error.path != "/" else "params"
+    where = error.path if len(error.path) <= 80 else error.path[:77] + "..."
+    message = f"invalid parameter {shorten(parameter)} at {where}: {error.reason}"
+    if error.reason.startswith("nested deeper"):
+        message += "; flatten the structure, or pass the data by reference (a file path or a table)"
+    return message
+
+
 def submit(
     bind: Bind,
     analysis_name: str,
     params: dict[str, Any] | None = None,
     *,
-    user: str,
+    user: str | None = None,
     key: str | None = None,
     priority: int = 0,
     max_attempts: int | None = None,
@@ -249,6 +271,12 @@ def submit(
     ``timeout_seconds`` and ``memory_limit_mib`` default to the analysis's
     own, and without ``start_by`` a job of an analysis with a
     ``start_within_seconds`` expires if not started that long after submit.
+
+    ``user`` is recorded as ``submitted_by``; None records the database
+    login (``session_user``). A session that row-level security restricts
+    may name only itself unless it is an operator: anything else raises
+    ``PermissionDenied`` before anything is written. Keys deduplicate within
+    the session's ``access.Session.key_scope``.
     """
     analysis, params_json, key, attempts = _validate_submission(
         analysis_name, params if params is not None else {}, user, key, priority, max_attempts, max_params_bytes
@@ -272,22 +300,24 @@ def submit(
                              field="start_by")
 
     with _transaction(bind) as connection:
+        session = access.current_session(connection)
+        user = access.acting_user(session, user, action="submit")
         # A job with the key can finish between the failed insert and the
         # lookup; then the next insert succeeds, so this loop ends quickly.
         for _ in range(10):
             row = connection.execute(
                 sa.text(
-                    "INSERT INTO jobs (analysis, params, job_key, priority, submitted_by, max_attempts, "
-                    "start_by, timeout_seconds, memory_limit_mib, queue_key) "
-                    "VALUES (:analysis, CAST(:params AS jsonb), :key, :priority, :user, :attempts, "
+                    "INSERT INTO jobs (analysis, params, job_key, key_scope, priority, submitted_by, "
+                    "max_attempts, start_by, timeout_seconds, memory_limit_mib, queue_key) "
+                    "VALUES (:analysis, CAST(:params AS jsonb), :key, :scope, :priority, :user, :attempts, "
                     "COALESCE(:start_by, now() + make_interval(secs => :start_within)), :timeout, :memory, "
                     "EXTRACT(EPOCH FROM now()) - :priority * :step) "
-                    "ON CONFLICT (job_key) WHERE job_key IS NOT NULL AND status IN ('queued', 'running') "
-                    "DO NOTHING RETURNING id"
+                    "ON CONFLICT (job_key, key_scope) "
+                    "WHERE job_key IS NOT NULL AND status IN ('queued', 'running') DO NOTHING RETURNING id"
                 ),
-                {"analysis": analysis.name, "params": params_json, "key": key, "priority": priority,
-                 "user": user, "attempts": attempts, "start_by": start_by, "timeout": timeout,
-                 "start_within": analysis.start_within_seconds, "memory": memory_limit,
+                {"analysis": analysis.name, "params": params_json, "key": key, "scope": session.key_scope,
+                 "priority": priority, "user": user, "attempts": attempts, "start_by": start_by,
+                 "timeout": timeout, "start_within": analysis.start_within_seconds, "memory": memory_limit,
                  "step": PRIORITY_STEP_SECONDS},
             ).first()
             if row is not None:
@@ -296,8 +326,9 @@ def submit(
                 _notify_change(connection, row.id, Status.QUEUED)
                 return SubmitResult(_get(connection, row.id), deduplicated=False)
             existing = connection.execute(
-                sa.text("SELECT * FROM jobs WHERE job_key = :key AND status IN ('queued', 'running')"),
-                {"key": key},
+                sa.text("SELECT * FROM jobs WHERE job_key = :key AND key_scope = :scope "
+                        "AND status IN ('queued', 'running')"),
+                {"key": key, "scope": session.key_scope},
             ).first()
             if existing is not None:
                 return SubmitResult(Job.from_row(existing), deduplicated=True)
@@ -376,13 +407,16 @@ def list_results(bind: Bind, job_id: int) -> list[dict[str, Any]]:
 # Cancel ------------------------------------------------------------------
 
 
-def request_cancel(bind: Bind, job_id: int, *, by: str) -> CancelResult:
+def request_cancel(bind: Bind, job_id: int, *, by: str | None = None) -> CancelResult:
     """Cancel a queued job at once, or record a cancel request on a running one.
 
     A running job ends as ``cancelled`` only when its process has stopped;
     until then its status stays ``running``. A finished job is left as it is.
+    ``by`` is recorded as ``cancel_requested_by`` under the same rule as the
+    ``user`` of ``submit``. A job this session cannot see raises ``JobNotFound``.
     """
     with _transaction(bind) as connection:
+        by = access.acting_user(access.current_session(connection), by, action="cancel")
         row = connection.execute(
             sa.text(
                 "UPDATE jobs SET status = 'cancelled', cancel_requested_at = now(), "

@@ -1,12 +1,19 @@
-"""Fixtures for integration tests that start real supervisor processes."""
+"""Fixtures for integration tests: real supervisor processes and login roles of each access role."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import uuid
 
+import psycopg
 import pytest
+import sqlalchemy as sa
+from psycopg import sql
+from sqlalchemy.engine import make_url
 
+from supervisor import access, db
 from tests.integration.supervisor_harness import SupervisorProcess, pid_exists, wait_for
 
 
@@ -38,3 +45,47 @@ def start_supervisor(engine, database_url, tmp_path):
         process.stop()
         for pid in workers:
             wait_for(lambda pid=pid: not pid_exists(pid), 10, f"worker {pid} to exit")
+
+
+@dataclasses.dataclass(frozen=True)
+class Login:
+    """A login role made for this test run, with an engine and a URL that connect as it."""
+
+    name: str
+    url: str
+    engine: sa.Engine
+
+
+@pytest.fixture(scope="session")
+def logins(database_url, settings):
+    """Login roles of this test run, by part: two analysts, an operator, a supervisor and one without a role.
+
+    Roles belong to the whole cluster, so each name carries the run's pid and
+    a random suffix, and every role is dropped at the end. Each role gets a
+    random password, so the tests also work on a server that requires one.
+    """
+    prefix = f"aj_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    groups = {"alice": access.ANALYST_ROLE, "bob": access.ANALYST_ROLE, "operator": access.OPERATOR_ROLE,
+              "supervisor": access.SUPERVISOR_ROLE, "nobody": None}
+    password = uuid.uuid4().hex
+    created: dict[str, Login] = {}
+    admin = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            for part, group in groups.items():
+                name = f"{prefix}_{part}"
+                statement = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name),
+                                                                               sql.Literal(password))
+                if group is not None:
+                    statement += sql.SQL(" IN ROLE {}").format(sql.Identifier(group))
+                connection.execute(statement)
+                url = make_url(database_url).set(username=name, password=password).render_as_string(
+                    hide_password=False)
+                created[part] = Login(name, url, db.create_engine(url, settings, pool_size=2))
+        yield created
+    finally:
+        for login in created.values():
+            login.engine.dispose()
+        with psycopg.connect(admin, autocommit=True) as connection:
+            for login in created.values():
+                connection.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(login.name)))

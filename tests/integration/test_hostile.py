@@ -251,7 +251,6 @@ def nested_list(depth: int) -> list:
         ("noop", {"step_seconds": float("nan")}, {}, "step_seconds"),
         ("noop", {"run_log": 5}, {}, "run_log"),
         ("noop", [1, 2], {}, "params"),
-        ("noop", {}, {"user": None}, "user"),
         ("noop", {}, {"user": " "}, "user"),
         ("noop", {}, {"key": 5}, "key"),
         ("noop", {}, {"priority": 10**30}, "priority"),
