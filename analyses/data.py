@@ -244,7 +244,30 @@ def check_data_params(params: Mapping[str, Any]) -> dict[str, Any]:
     sensors = checked.get("sensors")
     if sensors is not None:
         _check_sensor_list("sensors", sensors)
+    if "start" in bounds and "end" in bounds:
+        _check_grid_size(bounds["start"], bounds["end"], checked.get("resample_seconds", 300), sensors)
     return checked
+
+
+def _check_grid_size(start: float, end: float, step: int, sensors: list[str] | None) -> None:
+    """Reject a window whose grid exceeds ``MAX_GRID_CELLS`` at submit, as ``resample`` would at run time.
+
+    Without a sensor list the number of sensors is known only when the body
+    reads the source, so only the length of one sensor's series is checked.
+    """
+    n_times = math.floor(end / step) - math.ceil(start / step) + 1
+    if n_times > MAX_GRID_CELLS:
+        raise InvalidParams(
+            "resample_seconds", step,
+            f"the window gives {n_times} grid times per sensor, over the limit of {MAX_GRID_CELLS}; "
+            f"raise resample_seconds to at least {math.ceil((end - start) / MAX_GRID_CELLS)} or shorten the window",
+        )
+    if sensors is not None and n_times * len(sensors) > MAX_GRID_CELLS:
+        raise InvalidParams(
+            "sensors", f"<{len(sensors)} sensors>",
+            f"{len(sensors)} sensors x {n_times} grid times is over the limit of {MAX_GRID_CELLS} grid cells; "
+            "name fewer sensors, raise resample_seconds or shorten the window",
+        )
 
 
 def _check_sensor_list(field: str, sensors: list[str]) -> None:

@@ -94,7 +94,8 @@ class Param:
         if not isinstance(value, list):
             raise InvalidParams(self.name, value, "must be a list of strings")
         if self.max_length is not None and len(value) > self.max_length:
-            raise InvalidParams(self.name, f"<{len(value)} items>", f"must have at most {self.max_length} items")
+            raise InvalidParams(self.name, f"<{len(value)} items>",
+                                f"must have at most {self.max_length} items; split the work into several jobs")
         for index, item in enumerate(value):
             if not isinstance(item, str):
                 raise InvalidParams(f"{self.name}[{index}]", item, "must be a string")
@@ -107,7 +108,7 @@ class Param:
 
 def _check_text(field: str, value: str, max_length: int | None) -> None:
     if max_length is not None and len(value) > max_length:
-        raise InvalidParams(field, value, f"must be at most {max_length} characters long")
+        raise InvalidParams(field, value, f"must be at most {max_length} characters long (it has {len(value)})")
     if "\x00" in value:
         raise InvalidParams(field, value, "must not contain NUL characters (Postgres text cannot store them)")
 

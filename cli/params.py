@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import payloads
-from supervisor.errors import InvalidRequest
+from supervisor.errors import InvalidRequest, shorten
 
 
 def parse_value(text: str, *, label: str) -> Any:
@@ -22,7 +22,8 @@ def parse_value(text: str, *, label: str) -> Any:
     except json.JSONDecodeError:
         return text
     except RecursionError:
-        raise InvalidRequest(f"invalid {label}: nested too deeply", field="params") from None
+        raise InvalidRequest(f"invalid {label}: nested too deeply for the JSON parser; parameters may nest at most "
+                             f"{payloads.MAX_DEPTH} levels", field="params") from None
     except ValueError as error:
         raise InvalidRequest(f"invalid {label}: {error}", field="params") from None
 
@@ -35,7 +36,7 @@ def parse_param(item: str) -> tuple[str, Any]:
         raise InvalidRequest(
             f"invalid --param {item!r}: expected NAME=VALUE, for example --param steps=100", field="params"
         )
-    return name, parse_value(raw, label=f"--param {name}={raw}")
+    return name, parse_value(raw, label=f"--param {shorten(f'{name}={raw}')}")
 
 
 def parse_document(text: str, *, source: str) -> dict[str, Any]:
@@ -45,7 +46,8 @@ def parse_document(text: str, *, source: str) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise InvalidRequest(f"{source} is not valid JSON: {error}", field="params") from None
     except RecursionError:
-        raise InvalidRequest(f"{source} is nested too deeply", field="params") from None
+        raise InvalidRequest(f"{source} is nested too deeply for the JSON parser; parameters may nest at most "
+                             f"{payloads.MAX_DEPTH} levels", field="params") from None
     except ValueError as error:
         raise InvalidRequest(f"{source} is not valid: {error}", field="params") from None
     if not isinstance(document, dict):

@@ -16,6 +16,8 @@ import math
 from typing import Any
 
 NON_FINITE_KEY = "_non_finite"
+# Levels a parameter document may nest: each object or list is one level.
+MAX_DEPTH = 32
 
 
 class PayloadError(ValueError):
@@ -61,7 +63,7 @@ def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-def canonical(document: Any, max_depth: int = 32) -> str:
+def canonical(document: Any, max_depth: int = MAX_DEPTH) -> str:
     """Return ``document`` as canonical JSON (sorted keys, no spaces), or raise ``PayloadError``.
 
     Equal documents give equal strings, which makes the text usable for job keys.
