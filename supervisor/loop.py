@@ -35,6 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from analyses import registry
+from analyses.errors import InvalidParams
 from supervisor import config as config_module
 from supervisor import db, logs, memory, payloads, rates, runs, store, sweeps
 from supervisor.errors import ConfigError, ErrorCode, ServiceError
@@ -595,7 +596,7 @@ class Supervisor:
 
     def record_successes(self, connection: sa.Connection, successes: list[tuple[Run, Outcome, Any]]) -> None:
         batch = [runs.Success(run.job.id, run.token, document, list(outcome.results),
-                              registry.get(run.job.analysis).results_ttl_seconds, summary_is_document=True)
+                              analysis_policy(run.job.analysis).results_ttl_seconds, summary_is_document=True)
                  for run, outcome, document in successes]
         written = runs.succeed_runs(connection, batch)
         for run, _, _ in successes:
@@ -615,7 +616,7 @@ class Supervisor:
                          extra=self.log_extra("db_unavailable", error=str(error.orig), outcomes=len(self.pending)))
 
     def record_outcome(self, bind: sa.Connection, run: Run, outcome: Outcome) -> None:
-        analysis = registry.get(run.job.analysis)
+        analysis = analysis_policy(run.job.analysis)
         if run.stop_reason == "shutdown" and outcome.status != "succeeded":
             self.requeue(run, "shutdown", bind)
             return
@@ -769,6 +770,21 @@ def quarantine_error(error: dict[str, Any], crashes: int, budget: int) -> dict[s
                    f"last: {error.get('code')}: {error.get('message')}",
         "details": {"crashes": crashes, "crash_budget": budget, "last_error": error},
     }
+
+
+# The run policy of a job whose analysis is not registered. Only a row written
+# without store.submit has one, such as a client's direct INSERT: its worker
+# fails it with invalid_params, and nothing about it is retried.
+UNREGISTERED = registry.Analysis(name="unregistered", summary="an analysis name the registry does not know",
+                                 body=lambda params, context: None, retry_codes=frozenset())
+
+
+def analysis_policy(name: str) -> registry.Analysis:
+    """Return the registered analysis ``name``, or ``UNREGISTERED`` so recording its outcome cannot raise."""
+    try:
+        return registry.get(name)
+    except InvalidParams:
+        return UNREGISTERED
 
 
 def storable_document(summary: Any) -> Any:

@@ -550,3 +550,21 @@ def test_permission_error_keeps_driver_error_as_cause(engine, logins):
         runs.claim_jobs(logins["alice"].engine, SUPERVISOR_ID, 1, lease_seconds=30)
 
     assert isinstance(raised.value.__cause__.orig, psycopg.errors.InsufficientPrivilege)
+
+
+@pytest.mark.slow
+def test_supervisor_survives_unknown_analysis_row(engine, logins, start_supervisor):
+    # A client with INSERT on jobs can skip store.submit and its checks.
+    alice = logins["alice"]
+    with alice.engine.begin() as connection:
+        bad = connection.execute(sa.text(
+            "INSERT INTO jobs (analysis, params, submitted_by, key_scope, max_attempts) "
+            "VALUES ('no-such-analysis', '[1]', :alice, :alice, 3) RETURNING id"), {"alice": alice.name}).scalar_one()
+    supervisor = start_supervisor(workers=1)
+
+    failed = wait_for_status(engine, bad, {"failed", "succeeded"}, timeout=30)
+    later = store.submit(alice.engine, "noop", {"steps": 1}).job.id
+
+    assert (failed.status, failed.error["code"], failed.attempt) == ("failed", "invalid_params", 1)
+    assert wait_for_status(engine, later, "succeeded", timeout=30).attempt == 1
+    assert supervisor.process.poll() is None, supervisor.log()
