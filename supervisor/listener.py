@@ -15,6 +15,7 @@ import socket
 import threading
 
 import psycopg
+from psycopg import sql
 from sqlalchemy.engine import make_url
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class Listener:
                     self._connection = connection
                     self.backend_pid = connection.info.backend_pid
                     for channel in self._channels:
-                        connection.execute(f"LISTEN {channel}")
+                        connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     if not first:
                         logger.info("listener reconnected", extra={"event": "listener_reconnected",
                                                                    "supervisor_id": self._supervisor_id})
