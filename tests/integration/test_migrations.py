@@ -17,7 +17,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from supervisor import config, db, schema, store
+from supervisor import access, config, db, schema, store
 from supervisor.errors import DatabaseUnavailable, SchemaOutOfDate
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -395,3 +395,59 @@ def wait_for_lock_waiter(engine: sa.Engine, timeout: float) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+# Roles and row-level security (0004) ---------------------------------------------------
+
+POLICY_COUNT = "SELECT count(*) FROM pg_policies WHERE tablename IN ('jobs', 'job_events', 'job_results')"
+
+
+def test_concurrent_upgrades_share_roles(scratch_databases):
+    # Roles belong to the cluster: both migrations reach the role creation,
+    # and the one that loses the race must carry on.
+    urls = [scratch_databases.create("analysis_roles") for _ in range(2)]
+    command = [sys.executable, "-c", "import sys; from supervisor import db; db.upgrade(sys.argv[1])"]
+    processes = [subprocess.Popen([*command, url], cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for url in urls]
+    outputs = [process.communicate(timeout=120) for process in processes]
+
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr
+    for url in urls:
+        engine = db.create_engine(url, pool_size=1)
+        try:
+            with engine.connect() as connection:
+                roles = connection.execute(sa.text(
+                    "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname = ANY(:names) ORDER BY 1"),
+                    {"names": list(access.ROLES)}).all()
+                assert connection.execute(sa.text(POLICY_COUNT)).scalar_one() == 15
+        finally:
+            engine.dispose()
+        assert roles == [(name, False) for name in sorted(access.ROLES)]
+
+
+def test_downgrade_to_0003_keeps_roles_and_drops_access(fresh_url, fresh_engine):
+    db.upgrade(fresh_url)
+    with fresh_engine.begin() as connection:
+        for scope in ("", "alice", "bob"):
+            connection.execute(sa.text(
+                "INSERT INTO jobs (analysis, params, job_key, key_scope, submitted_by, max_attempts) "
+                "VALUES ('noop', '{}', 'K', :scope, 'ana', 1)"), {"scope": scope})
+
+    db.downgrade(fresh_url, "0003")
+
+    with fresh_engine.connect() as connection:
+        assert connection.execute(sa.text(POLICY_COUNT)).scalar_one() == 0
+        assert not connection.execute(sa.text(
+            "SELECT relrowsecurity FROM pg_class WHERE relname = 'jobs'")).scalar_one()
+        assert not connection.execute(sa.text(
+            "SELECT has_table_privilege(:role, 'jobs', 'SELECT')"), {"role": access.ANALYST_ROLE}).scalar_one()
+        assert connection.execute(sa.text(
+            "SELECT count(*) FROM pg_roles WHERE rolname = ANY(:names)"), {"names": list(access.ROLES)}
+        ).scalar_one() == 3
+        # The restored index allows one active job per key: the newest keeps it.
+        assert connection.execute(sa.text("SELECT id, job_key FROM jobs ORDER BY id")).all() == [
+            (1, None), (2, None), (3, "K")]
+    db.upgrade(fresh_url)
+    with fresh_engine.connect() as connection:
+        assert connection.execute(sa.text(POLICY_COUNT)).scalar_one() == 15
