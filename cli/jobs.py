@@ -18,7 +18,7 @@ from cli import output
 from cli.common import EXIT_NOT_SUCCEEDED, acting_user, load_settings, open_engine, require_one_of
 from cli.params import collect_params, parse_datetime
 from cli.watch import exit_unless, follow_interruptible
-from supervisor import store
+from supervisor import access, store
 from supervisor.errors import InvalidRequest
 from supervisor.store import Job
 from supervisor.transitions import Status
@@ -152,16 +152,19 @@ def queue_info(engine: Engine, job: Job, lease_seconds: float) -> dict[str, Any]
                 " AND submitted_by = :user AND (queue_key < :key OR (queue_key = :key AND id < :id))) "
                 " AS own_jobs_ahead, "
                 "(SELECT count(*) FROM supervisors WHERE stopped_at IS NULL "
-                " AND heartbeat_at > now() - make_interval(secs => :lease)) AS live_supervisors"
+                " AND heartbeat_at > now() - make_interval(secs => :lease)) AS live_supervisors, "
+                "row_security_active('jobs') AND NOT pg_has_role(:operator, 'USAGE') AS own_jobs_only"
             ),
-            {"key": job.queue_key, "id": job.id, "user": job.submitted_by, "lease": lease_seconds},
+            {"key": job.queue_key, "id": job.id, "user": job.submitted_by, "lease": lease_seconds,
+             "operator": access.OPERATOR_ROLE},
         ).one()
     waiting = job.run_after > row.now
     return {
         # Queue order (priority with aging, then age). Free slots go first to
         # the user with the fewest running jobs, so only the user's own jobs
-        # ahead are sure to start first.
-        "jobs_ahead": row.jobs_ahead,
+        # ahead are sure to start first. An analyst sees only its own jobs,
+        # so for it the total is unknown (None).
+        "jobs_ahead": None if row.own_jobs_only else row.jobs_ahead,
         "own_jobs_ahead": row.own_jobs_ahead,
         "live_supervisors": row.live_supervisors,
         "waiting_for_retry": waiting,
@@ -211,8 +214,12 @@ def _print_status(job: Job, queue: dict[str, Any] | None) -> None:
     if job.lease_owner is not None:
         rows.append(("lease", f"supervisor {job.lease_owner} until {output.format_time(job.lease_expires_at)}"))
     if queue is not None:
-        line = (f"queued for {output.format_duration(queue['queued_seconds'])}, {queue['jobs_ahead']} job(s) "
-                f"ahead in queue order, {queue['own_jobs_ahead']} of them this user's")
+        if queue["jobs_ahead"] is None:
+            line = (f"queued for {output.format_duration(queue['queued_seconds'])}, {queue['own_jobs_ahead']} "
+                    "of this user's job(s) ahead in queue order (other users' jobs are not visible)")
+        else:
+            line = (f"queued for {output.format_duration(queue['queued_seconds'])}, {queue['jobs_ahead']} job(s) "
+                    f"ahead in queue order, {queue['own_jobs_ahead']} of them this user's")
         if queue["waiting_for_retry"]:
             line += (f"; waiting for retry until {output.format_time(queue['run_after'])} "
                      f"(in {output.format_duration(queue['retry_in_seconds'])})")

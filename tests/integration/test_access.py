@@ -464,6 +464,22 @@ def test_cli_analyst_not_permitted_exits_9(cli_as, engine, logins, tmp_path):
     assert snapshot(engine) == before
 
 
+def test_cli_analyst_queue_position_counts_own_jobs(cli_as, engine, logins):
+    for login in ("bob", "alice", "bob"):
+        submit(logins[login])
+    waiting = submit(logins["alice"]).id
+
+    analyst = cli_as("alice", "status", str(waiting), "--json")
+    text = cli_as("alice", "status", str(waiting))
+    operator = cli_as("operator", "status", str(waiting), "--json")
+
+    assert analyst.exit_code == 0, analyst.output
+    assert (strict_json(analyst.stdout)["queue"]["jobs_ahead"], strict_json(analyst.stdout)["queue"]["own_jobs_ahead"]
+            ) == (None, 1)
+    assert "other users' jobs are not visible" in text.stdout
+    assert strict_json(operator.stdout)["queue"]["jobs_ahead"] == 3
+
+
 def test_cli_operator_acts_for_users(cli_as, engine, logins):
     alice = logins["alice"].name
     own = submit(logins["alice"]).id
