@@ -102,6 +102,8 @@ jobs = sa.Table(
     ),
     sa.CheckConstraint("priority BETWEEN -1000 AND 1000", name="priority"),
     sa.CheckConstraint("timeout_seconds IS NULL OR timeout_seconds > 0", name="timeout"),
+    # store.submit checks this too; the table holds it for rows that clients insert directly.
+    sa.CheckConstraint("jsonb_typeof(params) = 'object'", name="params"),
     sa.CheckConstraint("crashes >= 0", name="crashes"),
     sa.CheckConstraint("memory_limit_mib IS NULL OR memory_limit_mib > 0", name="memory_limit"),
     sa.Index(

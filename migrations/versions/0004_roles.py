@@ -166,6 +166,10 @@ def upgrade() -> None:
     op.create_index("uq_jobs_active_key", "jobs", ["job_key", "key_scope"], unique=True,
                     postgresql_where=sa.text("job_key IS NOT NULL AND status IN ('queued', 'running')"))
 
+    # Clients can insert rows without store.submit, so the table itself
+    # rejects parameters that are not a JSON object, as submit does.
+    op.create_check_constraint(op.f("ck_jobs_params"), "jobs", "jsonb_typeof(params) = 'object'")
+
     # Clients may bump event_seq to reserve a number for their event. A
     # decrease or a jump would make a later supervisor event collide or
     # overflow, and fail the claim statement for every job in its batch.
@@ -193,6 +197,7 @@ def downgrade() -> None:
     revoke_privileges()
     op.execute("DROP TRIGGER jobs_check_event_seq ON jobs")
     op.execute("DROP FUNCTION jobs_check_event_seq()")
+    op.drop_constraint(op.f("ck_jobs_params"), "jobs", type_="check")
     op.drop_index("uq_jobs_active_key", table_name="jobs")
     # Rows that differ only in key_scope would violate the restored index;
     # the newest of each such group keeps its key.

@@ -203,6 +203,8 @@ DIRECT_SQL = [
      "VALUES ('noop', '{}', :alice, :alice, 1, -1e300)", INSUFFICIENT_PRIVILEGE),
     ("INSERT INTO jobs (analysis, params, submitted_by, key_scope, max_attempts, status) "
      "VALUES ('noop', '{}', :alice, :alice, 1, 'succeeded')", INSUFFICIENT_PRIVILEGE),
+    ("INSERT INTO jobs (analysis, params, submitted_by, key_scope, max_attempts) "
+     "VALUES ('noop', '[1]', :alice, :alice, 1)", CHECK_VIOLATION),
     ("INSERT INTO job_events (job_id, seq, kind) VALUES (:other, 99, 'cancelled')", INSUFFICIENT_PRIVILEGE),
     ("INSERT INTO job_events (job_id, seq, kind) "
      "SELECT id, event_seq + 1, 'submitted' FROM jobs WHERE id = :own", INSUFFICIENT_PRIVILEGE),
@@ -575,7 +577,7 @@ def test_supervisor_survives_unknown_analysis_row(engine, logins, start_supervis
     with alice.engine.begin() as connection:
         bad = connection.execute(sa.text(
             "INSERT INTO jobs (analysis, params, submitted_by, key_scope, max_attempts) "
-            "VALUES ('no-such-analysis', '[1]', :alice, :alice, 3) RETURNING id"), {"alice": alice.name}).scalar_one()
+            "VALUES ('no-such-analysis', '{}', :alice, :alice, 3) RETURNING id"), {"alice": alice.name}).scalar_one()
     supervisor = start_supervisor(workers=1)
 
     failed = wait_for_status(engine, bad, {"failed", "succeeded"}, timeout=30)
