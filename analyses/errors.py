@@ -42,7 +42,11 @@ class InvalidParams(AnalysisError):
         shown = repr(value)
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        message = f"invalid parameter {field!r} = {shown}: {reason}"
+        if value is None:
+            # A missing parameter has no value worth showing.
+            message = f"invalid parameter {field!r}: {reason}"
+        else:
+            message = f"invalid parameter {field!r} = {shown}: {reason}"
         super().__init__(message, {"field": field, "reason": reason})
 
     def __reduce__(self):

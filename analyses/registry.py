@@ -176,7 +176,7 @@ class Analysis:
             if param.name in params and params[param.name] is not None:
                 validated[param.name] = param.validate(params[param.name])
             elif param.required:
-                raise InvalidParams(param.name, None, "is required")
+                raise InvalidParams(param.name, None, f"is required; pass it with --param {param.name}=VALUE")
             elif param.default is not None:
                 validated[param.name] = param.default
         return validated

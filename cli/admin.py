@@ -487,6 +487,9 @@ def analysis_document(analysis: registry.Analysis) -> dict[str, Any]:
         "deduplicate": analysis.deduplicate,
         "max_attempts": analysis.max_attempts,
         "timeout_seconds": analysis.timeout_seconds,
+        "memory_limit_mib": analysis.memory_limit_mib,
+        "start_within_seconds": analysis.start_within_seconds,
+        "crash_budget": analysis.crash_budget,
         "results_ttl_seconds": analysis.results_ttl_seconds,
         "retry_codes": sorted(analysis.retry_codes),
         "params": [

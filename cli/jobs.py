@@ -210,7 +210,7 @@ def _print_status(job: Job, queue: dict[str, Any] | None) -> None:
     if job.timeout_seconds is not None:
         rows.append(("timeout", output.format_duration(job.timeout_seconds)))
     if job.memory_limit_mib is not None:
-        rows.append(("memory limit", f"{job.memory_limit_mib} MiB"))
+        rows.append(("memory", f"at most {job.memory_limit_mib} MiB more than the worker's size at start"))
     if job.lease_owner is not None:
         rows.append(("lease", f"supervisor {job.lease_owner} until {output.format_time(job.lease_expires_at)}"))
     if queue is not None:

@@ -281,6 +281,8 @@ def job_document(job: Job) -> dict[str, Any]:
         "attempt": job.attempt,
         "max_attempts": job.max_attempts,
         "timeout_seconds": job.timeout_seconds,
+        "memory_limit_mib": job.memory_limit_mib,
+        "crashes": job.crashes,
         "created_at": job.created_at,
         "updated_at": job.updated_at,
         "started_at": started,

@@ -71,8 +71,12 @@ def current_account() -> Account:
     return Account(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, home=Path(entry.pw_dir))
 
 
-def resolve_account(kind: Kind, user: str | None) -> Account:
-    """Return the account the service runs as, or raise ``InvalidOption`` naming the fix."""
+def resolve_account(kind: Kind, user: str | None, *, dry_run: bool = False) -> Account:
+    """Return the account the service runs as, or raise ``InvalidOption`` naming the fix.
+
+    A dry run renders for another machine too: an account unknown here
+    then gets a warning and the macOS home folder of that name.
+    """
     if kind is Kind.AGENT:
         if user is not None:
             raise InvalidOption("--user", "an agent runs as the user who installs it; --user applies to "
@@ -85,11 +89,17 @@ def resolve_account(kind: Kind, user: str | None) -> Account:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
+        if dry_run:
+            typer.echo(f"warning: no user named {name!r} on this host; rendering for an account of that name "
+                       f"with home folder /Users/{name}", err=True)
+            return Account(name=name, uid=-1, gid=-1, home=Path("/Users") / name)
         raise InvalidOption("--user", f"no user named {name!r} on this host; create the account first, or pass "
                                       "an existing one") from None
     if entry.pw_uid == 0 and user is None:
         raise InvalidOption("--user", "the supervisor would run as root; pass --user NAME with the account it "
-                                      "should run as (the embedded Postgres refuses to run as root)")
+                                      "should run as, or --user root to confirm (services should not run as "
+                                      "root, and under root the embedded Postgres runs as a separate system "
+                                      "user)")
     return Account(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, home=Path(entry.pw_dir))
 
 
@@ -128,9 +138,9 @@ def check_url_file_owner(path: Path, account: Account) -> None:
 
 
 def build_spec(ctx: typer.Context, kind: Kind, user: str | None, database_url_file: Path | None,
-               shutdown_grace_seconds: float | None, log_dir: Path | None) -> ServiceSpec:
+               shutdown_grace_seconds: float | None, log_dir: Path | None, *, dry_run: bool = False) -> ServiceSpec:
     """Check the options and return what the service will run; nothing is changed."""
-    account = resolve_account(kind, user)
+    account = resolve_account(kind, user, dry_run=dry_run)
     installer_settings = load_settings(ctx)
     if installer_settings.data_dir is not None:
         data_dir = absolute_path(installer_settings.data_dir, "--data-dir")
@@ -317,7 +327,7 @@ def install(
                                          "the unit it prints and run the commands it lists")
     launchctl = None if dry_run else launchd.require_launchctl()
 
-    spec = build_spec(ctx, kind, user, database_url_file, shutdown_grace_seconds, log_dir)
+    spec = build_spec(ctx, kind, user, database_url_file, shutdown_grace_seconds, log_dir, dry_run=dry_run)
     content = render(spec)
     folder = absolute_path(install_dir, "--install-dir") if install_dir else definition.default_install_dir(
         kind, spec.account)

@@ -98,8 +98,10 @@ def permission_denied(error: BaseException) -> PermissionDenied:
     """Return the ``PermissionDenied`` for an insufficient_privilege error from the server."""
     detail = str(getattr(error, "orig", error)).strip().splitlines()
     reason = detail[0] if detail else "permission denied"
-    return PermissionDenied(
-        f"not permitted: {reason}; the database login lacks the privilege. An administrator grants it "
-        f"through membership in {ANALYST_ROLE} (own jobs), {OPERATOR_ROLE} (every job) or {SUPERVISOR_ROLE} "
-        "(running jobs)"
-    )
+    if "job_limits" in reason or reason.endswith('table "jobs"') or "table jobs" in reason:
+        hint = ("setting limits and pruning jobs are for the owner of the tables (the login that ran "
+                "`analysisctl db upgrade`) or a superuser")
+    else:
+        hint = (f"an administrator grants it through membership in {ANALYST_ROLE} (own jobs), {OPERATOR_ROLE} "
+                f"(every job) or {SUPERVISOR_ROLE} (running jobs)")
+    return PermissionDenied(f"not permitted: {reason}; the database login lacks the privilege: {hint}")

@@ -82,6 +82,11 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def max_workers() -> int:
+    """Return the largest worker count accepted: 4 per CPU, so a typo cannot start thousands of processes."""
+    return 4 * max(1, os.cpu_count() or 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     name: str
@@ -203,6 +208,11 @@ def _check(values: dict[str, Any], sources: dict[str, str]) -> None:
 
     if values["workers"] is not None and values["workers"] < 1:
         raise ConfigError(f"invalid {shown('workers')}: must be at least 1")
+    if values["workers"] is not None and values["workers"] > max_workers():
+        raise ConfigError(
+            f"invalid {shown('workers')}: at most {max_workers()} on this machine (4 per CPU); each worker is "
+            "a process of about 100 MB, and more workers than CPUs only wait for each other"
+        )
     for name in ("lease_seconds", "heartbeat_seconds", "poll_seconds"):
         if values[name] <= 0:
             raise ConfigError(f"invalid {shown(name)}: must be greater than 0")

@@ -205,6 +205,7 @@ class Supervisor:
         registry.all_analyses()
         # Workers inherit the signal mask: block the stop signals while
         # starting them, so a Ctrl-C during start-up reaches only us.
+        logger.info("starting workers", extra=self.log_extra("workers_starting", slots=self.slots))
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             self.pool.start()
@@ -864,10 +865,12 @@ def run_supervisor(settings: config_module.Config, *, configure_logging: bool = 
                                "exit_code": error.exit_code})
         return error.exit_code
     supervisor = Supervisor(settings, engine)
-    supervisor.start()
+    # Before the workers start: a stop signal during start-up then ends the
+    # start cleanly instead of killing this process and orphaning them.
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     signal.signal(signal.SIGINT, supervisor.request_stop)
     try:
+        supervisor.start()
         supervisor.run_forever()
     finally:
         supervisor.shutdown()

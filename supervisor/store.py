@@ -284,13 +284,15 @@ def submit(
     timeout = timeout_seconds if timeout_seconds is not None else analysis.timeout_seconds
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not 0 < timeout <= 7 * 24 * 3600):
-        raise InvalidRequest(f"invalid timeout_seconds {timeout!r}: must be between 0 and 604800",
+        raise InvalidRequest(f"invalid timeout_seconds {timeout!r} (--timeout): must be more than 0 and at most "
+                             "604800 seconds (7 days)",
                              field="timeout_seconds")
 
     memory_limit = memory_limit_mib if memory_limit_mib is not None else analysis.memory_limit_mib
     if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int)
                                      or not 1 <= memory_limit <= MAX_MEMORY_LIMIT_MIB):
-        raise InvalidRequest(f"invalid memory_limit_mib {memory_limit!r}: must be an integer from 1 to "
+        raise InvalidRequest(f"invalid memory_limit_mib {memory_limit!r} (--memory-limit): must be a whole number "
+                             "of MiB from 1 to "
                              f"{MAX_MEMORY_LIMIT_MIB}", field="memory_limit_mib")
     if start_by is not None and (not isinstance(start_by, dt.datetime) or start_by.tzinfo is None):
         raise InvalidRequest(f"invalid start_by {start_by!r}: must be a timezone-aware datetime",

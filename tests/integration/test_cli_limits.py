@@ -45,7 +45,8 @@ def test_submit_memory_limit_shown_in_status(cli, engine):
     job_id = cli("submit", "noop", "--memory-limit", "300").stdout.strip()
 
     assert store.get_job(engine, int(job_id)).memory_limit_mib == 300
-    assert "300 MiB" in cli("status", job_id).stdout
+    assert "at most 300 MiB more" in cli("status", job_id).stdout
+    assert json.loads(cli("status", job_id, "--json").stdout)["memory_limit_mib"] == 300
 
 
 def test_submit_bad_memory_limit_writes_nothing(cli, engine):

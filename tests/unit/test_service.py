@@ -452,11 +452,21 @@ def test_dry_run_reports_differing_plist(runner, folders):
 # Bad input ------------------------------------------------------------------------------
 
 
-def test_install_unknown_user_rejected(runner, folders):
-    result = runner.invoke(app, install_args(folders, "--daemon", "--user", "no-such-user-h7", "--dry-run"))
+def test_install_unknown_user_rejected(runner, folders, launchctl):
+    result = runner.invoke(app, install_args(folders, "--daemon", "--user", "no-such-user-h7"))
 
     assert result.exit_code == 2
     assert "no user named 'no-such-user-h7'" in result.output
+    assert launchctl.calls() == []
+
+
+def test_dry_run_for_unknown_user_warns_and_renders(runner, folders):
+    # A dry run may render for the Mac mini's service account on another machine.
+    result = runner.invoke(app, install_args(folders, "--daemon", "--user", "no-such-user-h7", "--dry-run"))
+
+    assert result.exit_code == 0
+    assert "warning: no user named 'no-such-user-h7'" in result.output
+    assert "<string>no-such-user-h7</string>" in result.output
 
 
 def test_install_user_with_agent_rejected(runner, folders):
