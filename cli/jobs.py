@@ -338,7 +338,9 @@ def cancel(
     engine = open_engine(ctx, settings)
     result = store.request_cancel(engine, job_id, by=acting_user(engine, None))
     if result.outcome == "cancelled":
-        typer.echo(f"job {job_id} cancelled before it started")
+        # A job re-queued after a run (retry, shutdown) has run before.
+        typer.echo(f"job {job_id} cancelled while queued"
+                   + (" (before its first run)" if result.job.attempt == 0 and result.job.started_at is None else ""))
     elif result.outcome == "requested":
         typer.echo(f"job {job_id}: cancel requested; it stops at its next cancel check, "
                    f"or is terminated after the grace period ({settings.cancel_grace_seconds:g} s)")

@@ -510,6 +510,11 @@ def requeue_run(bind: Bind, job_id: int, attempt_token: uuid.UUID, *, reason: st
                 "attempt = CASE WHEN cancel_requested_at IS NOT NULL THEN attempt ELSE attempt - 1 END, "
                 "finished_at = CASE WHEN cancel_requested_at IS NOT NULL THEN now() END, "
                 "run_after = now(), "
+                # The next run starts over; progress of this one would read
+                # as the queued job's.
+                "progress_phase = NULL, progress_completed = NULL, progress_total = NULL, "
+                "progress_message = NULL, progress_rate = NULL, progress_eta_seconds = NULL, "
+                "progress_updated_at = NULL, "
                 f"{_clear_run()} "
                 "WHERE id = :id AND attempt_token = :token AND status = 'running' RETURNING status, attempt"
             ),

@@ -445,7 +445,7 @@ def test_cancel_queued_job(cli, engine):
     result = cli("cancel", str(job.id))
     again = cli("cancel", str(job.id))
 
-    assert result.stdout.strip().endswith("cancelled before it started")
+    assert result.stdout.strip().endswith("cancelled while queued (before its first run)")
     assert store.get_job(engine, job.id).status == "cancelled"
     assert again.stdout.strip().endswith("already finished: cancelled")
 
@@ -466,7 +466,7 @@ def test_cancel_wait_queued_job(cli, engine):
     result = cli("cancel", str(job.id), "--wait")
 
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[0].endswith("cancelled before it started")
+    assert result.stdout.splitlines()[0].endswith("cancelled while queued (before its first run)")
 
 
 def test_cancel_wait_running_job(cli, engine):

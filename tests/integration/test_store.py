@@ -349,12 +349,15 @@ def test_stale_run_writes_change_nothing(engine):
 def test_requeue_gives_attempt_back(engine):
     job_id = store.submit(engine, "noop", {}, user="alice").job.id
     [run] = runs.claim_jobs(engine, OWNER, 1, lease_seconds=30)
+    runs.record_progress(engine, [runs.ProgressUpdate(job_id, run.attempt_token, "steps", 35, 300, None,
+                                                      1.0, 265.0, False)])
 
     assert runs.requeue_run(engine, job_id, run.attempt_token, reason="shutdown") == "queued"
 
     job = store.get_job(engine, job_id)
     assert job.attempt == 0
     assert job.lease_owner is None
+    assert job.progress_completed is None, "a queued job shows no progress of an earlier run"
     assert event_kinds(engine, job_id)[-1] == "requeued"
 
 
