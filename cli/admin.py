@@ -95,7 +95,7 @@ def supervisor_run(
             retry_base_seconds=retry_base_seconds, retry_max_seconds=retry_max_seconds, results_dir=results_dir,
         )
     except ConfigError as error:
-        # Logged, not printed, so that a service's log file holds JSON lines only.
+        # Logged, not printed, so that a service's log file contains JSON lines only.
         logs.configure()
         logger.critical("supervisor cannot start",
                         extra={"event": "supervisor_start_failed", "error": error.message,

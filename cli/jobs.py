@@ -162,8 +162,8 @@ def queue_info(engine: Engine, job: Job, lease_seconds: float) -> dict[str, Any]
     return {
         # Queue order (priority with aging, then age). Free slots go first to
         # the user with the fewest running jobs, so only the user's own jobs
-        # ahead are sure to start first. An analyst sees only its own jobs,
-        # so for it the total is unknown (None).
+        # ahead are sure to start first. An analyst can read only its own
+        # jobs, so for it the total is unknown (None).
         "jobs_ahead": None if row.own_jobs_only else row.jobs_ahead,
         "own_jobs_ahead": row.own_jobs_ahead,
         "live_supervisors": row.live_supervisors,

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from cli import service_definition as definition
 from cli.service_definition import ServiceSpec

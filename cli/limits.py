@@ -26,9 +26,9 @@ Examples:
 
 A limit caps the running jobs of one user or analysis across every
 supervisor on the database; jobs over it wait in the queue. The name '*'
-sets the limit of each user or analysis without one of its own. With no
-limit, a user or analysis may fill every slot while no other job waits;
-whenever several users wait, free slots go to the user with the fewest
+sets the limit of each user or analysis without one of its own. Without a
+limit, a user or analysis may fill every slot while no other job waits.
+Whenever several users wait, free slots go to the user with the fewest
 running jobs.
 """
 

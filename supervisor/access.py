@@ -54,7 +54,7 @@ class Session:
 
     @property
     def key_scope(self) -> str:
-        """The key_scope of jobs this session submits: shared unless it sees only its own jobs."""
+        """The key_scope of jobs this session submits: shared unless it can read only its own jobs."""
         return SHARED_KEY_SCOPE if self.may_act_for_others else self.user
 
 

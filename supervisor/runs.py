@@ -111,8 +111,8 @@ def heartbeat(
 # The claim statement. Jobs are eligible when queued, due (run_after), not
 # cancelled and not past their start-by time. Among eligible jobs it prefers
 # the submitting user with the fewest running jobs, then the analysis with
-# the fewest, then the queue key (priority with aging, then age), and it
-# skips jobs whose user or analysis is at its limit in job_limits.
+# the fewest, then the queue key (priority with aging, then age). It skips
+# jobs whose user or analysis is at its limit in job_limits.
 #
 # It never scans the whole queue: a loose index scan of ix_jobs_queue finds
 # each (user, analysis) pair with queued jobs, and only the first :limit jobs
@@ -126,7 +126,7 @@ def heartbeat(
 # then each user's candidates beyond the user's free room, then each
 # analysis's beyond its free room. A job dropped at the last step can leave
 # its user's room unused in this statement, so ``claim_jobs`` runs the
-# statement again while it reports such drops and slots remain; each run
+# statement again while it reports such drops and slots remain. Each run
 # takes at least one job while any eligible job fits its limits.
 #
 # Candidates are read without row locks (locking them all would write to
@@ -240,15 +240,15 @@ def claim_jobs(bind: Bind, supervisor_id: uuid.UUID, limit: int, *, lease_second
     if limit <= 0:
         return []
     claimed: list[Job] = []
-    wanted = min(limit, MAX_CLAIM_BATCH)
+    batch = min(limit, MAX_CLAIM_BATCH)
     with _transaction(bind) as connection:
         # A statement of its own: the claim's snapshot must be taken after
         # the lock is granted, to see the previous holder's claims.
         connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
-        while len(claimed) < wanted:
+        while len(claimed) < batch:
             rows = connection.execute(
                 _CLAIM,
-                {"limit": wanted - len(claimed), "owner": supervisor_id, "lease": lease_seconds,
+                {"limit": batch - len(claimed), "owner": supervisor_id, "lease": lease_seconds,
                  "sources": sources(Status.RUNNING), "channel": CHANGES_CHANNEL,
                  "starting": max(0, starting - len(claimed))},
             ).all()

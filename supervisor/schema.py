@@ -85,9 +85,10 @@ jobs = sa.Table(
     sa.Column("crashes", sa.Integer, nullable=False, server_default="0"),
     # Resident memory the job's processes may grow by, in MiB; NULL: no limit.
     sa.Column("memory_limit_mib", sa.Integer),
-    # Where job_key deduplicates, set at submit: '' for jobs submitted by
-    # superusers, the table owner and operators, who see every job; the
-    # submitting user for an analyst's job, since an analyst sees only its own.
+    # Where job_key deduplicates, set at submit. It is '' for jobs submitted
+    # by superusers, the table owner and operators, who can read every job,
+    # and the submitting user for an analyst's job, since an analyst can read
+    # only its own.
     sa.Column("key_scope", sa.Text, nullable=False, server_default=""),
     sa.CheckConstraint(f"status IN ({STATUS_VALUES})", name="status"),
     sa.CheckConstraint("max_attempts >= 1 AND attempt >= 0 AND attempt <= max_attempts", name="attempts"),
@@ -102,7 +103,7 @@ jobs = sa.Table(
     ),
     sa.CheckConstraint("priority BETWEEN -1000 AND 1000", name="priority"),
     sa.CheckConstraint("timeout_seconds IS NULL OR timeout_seconds > 0", name="timeout"),
-    # store.submit checks this too; the table holds it for rows that clients insert directly.
+    # store.submit checks this too. The constraint covers rows that clients insert directly.
     sa.CheckConstraint("jsonb_typeof(params) = 'object'", name="params"),
     sa.CheckConstraint("crashes >= 0", name="crashes"),
     sa.CheckConstraint("memory_limit_mib IS NULL OR memory_limit_mib > 0", name="memory_limit"),

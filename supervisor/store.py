@@ -39,10 +39,10 @@ WORK_CHANNEL = "analysis_jobs_work"
 # Clients LISTEN here to follow jobs: every status change and progress write.
 CHANGES_CHANNEL = "analysis_jobs_changes"
 
-# Claim order: each point of priority counts as this many seconds of waiting,
-# so a job of priority p overtakes jobs of priority p + 1 submitted up to a
-# minute before it, and a job's wait behind higher priorities is bounded by
-# the priority difference times this step (aging without a cap).
+# Claim order: each point of priority counts as this many seconds of waiting.
+# A job of priority p thus goes before jobs of priority p + 1 submitted more
+# than a minute after it, and its wait behind higher priorities is bounded
+# by the priority difference times this step (aging without a cap).
 PRIORITY_STEP_SECONDS = 60
 # Largest memory limit a job may ask for (1 TiB); a limit is in MiB.
 MAX_MEMORY_LIMIT_MIB = 1024 * 1024
@@ -500,8 +500,8 @@ def set_limit(bind: Bind, scope: str, name: str, max_running: int) -> Limit:
     """Allow at most ``max_running`` running jobs of one user or analysis (``ANY``: each one without its own).
 
     Running means claimed: jobs a supervisor has prefetched count too. The
-    limit holds from the next claim of every supervisor on the database; 0
-    holds that user's or analysis's jobs in the queue.
+    limit applies from the next claim of every supervisor on the database.
+    A limit of 0 keeps that user's or analysis's jobs in the queue.
     """
     _check_limit_target(scope, name)
     if isinstance(max_running, bool) or not isinstance(max_running, int) or not 0 <= max_running <= MAX_LIMIT:

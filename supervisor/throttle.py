@@ -40,10 +40,10 @@ MIN_SAMPLE_SECONDS = 1.0
 # Used where neither PSI nor a macOS pressure level is available.
 PAUSE_AVAILABLE_RATIO_DEFAULT = 0.05
 RESUME_AVAILABLE_RATIO_DEFAULT = 0.10
-# Swapping out this fast means memory is short whatever the other signals
-# say: a macOS "warning" level or a low available ratio with this rate
-# counts as critical. On an SSD, a sustained 10 MiB/s of page-outs is far
-# above the trickle of an idle system.
+# Swapping out this fast means memory is short, whatever the other signals
+# report, so a macOS "warning" level or a low available ratio with this rate
+# counts as critical. The value is an estimate: an idle system pages out far
+# less than a sustained 10 MiB/s.
 SWAP_OUT_CRITICAL_BYTES_PER_SECOND = 10 * 1024 * 1024
 
 

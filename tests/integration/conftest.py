@@ -12,7 +12,9 @@ import pytest
 import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import make_url
+from typer.testing import CliRunner
 
+from cli.main import app
 from supervisor import access, db
 from tests.integration.supervisor_harness import SupervisorProcess, pid_exists, wait_for
 
@@ -23,6 +25,26 @@ def resume(pid: int) -> None:
         os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:
         pass
+
+
+@pytest.fixture
+def cli(engine, database_url, tmp_path):
+    """Invoke analysisctl in this process against the emptied test database; returns the typer Result."""
+    runner = CliRunner(env={
+        "ANALYSIS_DATABASE_URL": database_url,
+        "ANALYSIS_DATA_DIR": str(tmp_path / "data"),
+        "ANALYSIS_CONFIG": None,
+        "ANALYSIS_POLL_SECONDS": "0.2",
+        "ANALYSIS_WORKERS": None,
+        "ANALYSIS_RESULTS_DIR": None,
+        # Wide enough that rich does not wrap usage errors inside a fragment.
+        "COLUMNS": "400",
+    })
+
+    def invoke(*args: str, env: dict | None = None):
+        return runner.invoke(app, list(args), env=env)
+
+    return invoke
 
 
 @pytest.fixture

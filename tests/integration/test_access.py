@@ -3,7 +3,7 @@
 The tests connect as login roles made for this run (the ``logins`` fixture):
 alice and bob are analysts, operator and supervisor have those roles, and
 the login "nobody" has no role of the service. The ``engine`` fixture connects as the
-superuser that owns the tables and sees everything.
+superuser that owns the tables and can read every row.
 """
 
 from __future__ import annotations

@@ -20,11 +20,9 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from typer.testing import CliRunner
 
 from analyses import load
 from cli.common import libpq_url
-from cli.main import app
 from supervisor import db, runs, store
 
 OWNER = uuid.UUID(int=0xC11)
@@ -43,24 +41,6 @@ def strict_loads(text: str):
         raise ValueError(f"non-standard JSON token {token}")
 
     return json.loads(text, parse_constant=reject)
-
-
-@pytest.fixture
-def cli(engine, database_url, tmp_path):
-    """Invoke analysisctl against the emptied test database; returns the typer Result."""
-    runner = CliRunner(env={
-        "ANALYSIS_DATABASE_URL": database_url,
-        "ANALYSIS_DATA_DIR": str(tmp_path / "data"),
-        "ANALYSIS_CONFIG": None,
-        "ANALYSIS_POLL_SECONDS": "0.2",
-        "ANALYSIS_WORKERS": None,
-        "ANALYSIS_RESULTS_DIR": None,
-    })
-
-    def invoke(*args: str, env: dict | None = None):
-        return runner.invoke(app, list(args), env=env)
-
-    return invoke
 
 
 def count(engine, table: str = "jobs") -> int:

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from supervisor import store
-from tests.integration.test_cli import cli  # noqa: F401  (the fixture)
 
 
 def test_limits_set_show_clear(cli, engine):

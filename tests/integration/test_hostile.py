@@ -25,10 +25,8 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from typer.testing import CliRunner
 
 from analyses import registry
-from cli.main import app
 from supervisor import runs, store, sweeps
 from supervisor.errors import InvalidRequest
 from supervisor.listener import libpq_url
@@ -43,25 +41,6 @@ from tests.integration.supervisor_harness import (
 
 OWNER = uuid.UUID(int=0xBAD)
 TERMINAL_EVENTS = ("succeeded", "failed", "cancelled")
-
-
-@pytest.fixture
-def cli(engine, database_url, tmp_path):
-    """Invoke analysisctl in this process against the emptied test database."""
-    runner = CliRunner(env={
-        "ANALYSIS_DATABASE_URL": database_url,
-        "ANALYSIS_DATA_DIR": str(tmp_path / "data"),
-        "ANALYSIS_CONFIG": None,
-        "ANALYSIS_WORKERS": None,
-        "ANALYSIS_RESULTS_DIR": None,
-        # Wide enough that rich does not wrap usage errors inside a fragment.
-        "COLUMNS": "400",
-    })
-
-    def invoke(*args: str):
-        return runner.invoke(app, list(args))
-
-    return invoke
 
 
 def count(engine, table: str = "jobs") -> int:

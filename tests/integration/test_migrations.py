@@ -162,7 +162,7 @@ def test_downgrade_to_base_drops_tables(fresh_url, fresh_engine):
     assert db.current_revision(fresh_engine) is None
 
 
-def test_downgrade_to_0002_drops_job_limits_and_keeps_queued_jobs(fresh_url, fresh_engine):
+def test_downgrade_to_0002_keeps_jobs(fresh_url, fresh_engine):
     db.upgrade(fresh_url)
     with fresh_engine.begin() as connection:
         connection.execute(sa.text("INSERT INTO jobs (analysis, params, submitted_by, max_attempts, priority) "

@@ -54,10 +54,10 @@ def test_flood_does_not_delay_another_users_jobs(engine, start_supervisor):
             "SELECT count(*) FROM jobs WHERE submitted_by = 'flooder' AND status = 'queued'")).scalar_one()
     cancel_queued(engine)
 
-    # The first free slot goes to the latecomer; from then on each user
-    # runs on one of the two slots, so the five late jobs run back to back
-    # while about as many flood jobs run beside them, instead of waiting
-    # behind the ~990 flood jobs queued first (about 100 s of work).
+    # The first free slot goes to the latecomer, and from then on each user
+    # runs on one of the two slots. The five late jobs thus run back to back
+    # beside about as many flood jobs, instead of waiting behind the ~990
+    # flood jobs queued first (about 100 s of work).
     first_start = min(job.started_at for job in jobs).timestamp()
     assert first_start - submitted_at < 2.0
     assert flood_left > 800
