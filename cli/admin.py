@@ -17,7 +17,6 @@ from analyses import registry
 from cli import output
 from cli.common import (
     GlobalOptions,
-    libpq_url,
     load_settings,
     open_engine,
     redact_url,
@@ -212,7 +211,7 @@ def db_upgrade(ctx: typer.Context) -> None:
             f"the database is at revision {before}, which this version does not know "
             "(a newer version migrated it); upgrade analysis-jobs instead"
         )
-    where = redact_url(libpq_url(url))
+    where = redact_url(db.libpq_url(url))
     if before == head:
         typer.echo(f"the database at {where} is already at head revision {head}")
         return
@@ -236,7 +235,7 @@ def db_check(ctx: typer.Context) -> None:
     settings = load_settings(ctx)
     engine = open_engine(ctx, settings, check=False)
     db.check_schema(engine)
-    where = redact_url(libpq_url(engine.url.render_as_string(hide_password=False)))
+    where = redact_url(db.libpq_url(engine.url.render_as_string(hide_password=False)))
     typer.echo(f"the database at {where} is at head revision {db.head_revision()}")
 
 
@@ -250,7 +249,7 @@ def db_url(ctx: typer.Context) -> None:
     yourself (PGPASSWORD or ~/.pgpass).
     """
     settings = load_settings(ctx)
-    typer.echo(redact_url(libpq_url(db.resolve_url(settings))))
+    typer.echo(redact_url(db.libpq_url(db.resolve_url(settings))))
 
 
 @db_app.command("stop", epilog="Example:\n\n  analysisctl db stop")

@@ -77,11 +77,6 @@ def open_engine(ctx: typer.Context, settings: config_module.Config, *, check: bo
     return engine
 
 
-def libpq_url(url: str) -> str:
-    """Return a SQLAlchemy URL as a libpq URL for psycopg and psql."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def redact_url(raw: str | None) -> str | None:
     """Return ``raw`` with the password hidden, including one passed as a query parameter."""
     if raw is None:

@@ -29,7 +29,6 @@ from cli.common import (
     EXIT_NOT_SUCCEEDED,
     GlobalOptions,
     current_user,
-    libpq_url,
     load_settings,
     redact_url,
     setting_option,
@@ -114,7 +113,7 @@ def demo(
     settings = load_settings(ctx, workers=workers)
 
     url = db.resolve_url(settings)
-    where = redact_url(libpq_url(url))
+    where = redact_url(db.libpq_url(url))
     embedded = ""
     if not settings.effective_database_url:
         embedded = f" (embedded server in {settings.effective_data_dir / 'postgres'})"

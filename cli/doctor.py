@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from cli import output
 from cli.admin import supervisor_state
-from cli.common import EXIT_NOT_SUCCEEDED, libpq_url, load_settings, redact_url
+from cli.common import EXIT_NOT_SUCCEEDED, load_settings, redact_url
 from supervisor import config as config_module
 from supervisor import db, runs
 from supervisor.errors import ConfigError, DatabaseUnavailable, SchemaOutOfDate
@@ -75,7 +75,7 @@ def run_checks(ctx: typer.Context) -> list[Finding]:
     except (DatabaseUnavailable, ConfigError) as error:
         return findings + [Finding("database", PROBLEM, error.message, _database_fix(settings))]
     ctx.call_on_close(engine.dispose)
-    where = redact_url(libpq_url(url))
+    where = redact_url(db.libpq_url(url))
     try:
         with engine.connect() as connection:
             version = connection.execute(sa.text("SHOW server_version")).scalar_one()

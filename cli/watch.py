@@ -26,8 +26,9 @@ from rich.text import Text
 from sqlalchemy.engine import Engine
 
 from cli import output
-from cli.common import EXIT_INTERRUPTED, EXIT_NOT_SUCCEEDED, libpq_url
+from cli.common import EXIT_INTERRUPTED, EXIT_NOT_SUCCEEDED
 from supervisor import store
+from supervisor.db import libpq_url
 from supervisor.store import Job
 from supervisor.transitions import Status
 

@@ -10,8 +10,9 @@ import functools
 import logging
 from pathlib import Path
 
-import sqlalchemy as sa
 import alembic.util
+import psycopg
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -76,19 +77,29 @@ def create_engine(url: str, settings: config_module.Config | None = None, **engi
     claim statement's estimated cost crosses ``jit_above_cost``, so JIT
     would spend tens of milliseconds compiling a query that runs in one.
     """
+    engine_options.setdefault("pool_pre_ping", True)
+    engine_options.setdefault("pool_size", 5)
+    return sa.create_engine(url, connect_args=_connect_args(settings), **engine_options)
+
+
+def _connect_args(settings: config_module.Config | None) -> dict[str, object]:
     settings = settings or config_module.load({})
     options = (
         f"-c statement_timeout={settings.statement_timeout_ms} "
         f"-c idle_in_transaction_session_timeout={settings.idle_in_transaction_timeout_ms} "
         "-c jit=off"
     )
-    engine_options.setdefault("pool_pre_ping", True)
-    engine_options.setdefault("pool_size", 5)
-    return sa.create_engine(
-        url,
-        connect_args={"options": options, "application_name": "analysis-jobs", "connect_timeout": 10},
-        **engine_options,
-    )
+    return {"options": options, "application_name": "analysis-jobs", "connect_timeout": 10}
+
+
+def libpq_url(url: str | URL) -> str:
+    """Return a SQLAlchemy URL as a libpq URL for psycopg and psql."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def connect_driver(url: str | URL, settings: config_module.Config | None = None) -> psycopg.Connection:
+    """Open a psycopg connection in autocommit mode, outside the engine's pool, with its session settings."""
+    return psycopg.connect(libpq_url(url), autocommit=True, **_connect_args(settings))
 
 
 def alembic_config(url: str) -> AlembicConfig:

@@ -16,16 +16,11 @@ import threading
 
 import psycopg
 from psycopg import sql
-from sqlalchemy.engine import make_url
+from supervisor.db import libpq_url
 
 logger = logging.getLogger(__name__)
 
 RECONNECT_DELAY_SECONDS_MAX = 10.0
-
-
-def libpq_url(url: str) -> str:
-    """Return a SQLAlchemy URL as a libpq connection string for psycopg."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class Listener:

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from analyses import load
-from cli.common import libpq_url
+from supervisor.db import libpq_url
 from supervisor import db, runs, store
 
 OWNER = uuid.UUID(int=0xC11)

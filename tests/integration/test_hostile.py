@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 from analyses import registry
 from supervisor import runs, store, sweeps
 from supervisor.errors import InvalidRequest
-from supervisor.listener import libpq_url
+from supervisor.db import libpq_url
 from supervisor.progress import ProgressRecords, SlotWriter
 from supervisor.worker import ParentDeathSignal, run_task
 from tests.integration.supervisor_harness import (

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from supervisor import store
-from supervisor.listener import libpq_url
+from supervisor.db import libpq_url
 from tests.integration.supervisor_harness import (
     pid_exists,
     read_run_log,
