@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import glob
 import logging
 import multiprocessing
@@ -514,7 +513,9 @@ class WorkerPool:
             return
         slot.run.sent = True
         try:
-            worker.conn.send(("task", dataclasses.asdict(slot.run.task)))
+            # A shallow copy: pickling copies the parameters anyway, and
+            # dataclasses.asdict's deep copy cost more than the send.
+            worker.conn.send(("task", dict(vars(slot.run.task))))
         except OSError as error:
             # The worker is dying; its exit turns the run into worker_died.
             logger.warning("cannot send job %d to worker %d: %s", slot.run.task.job_id, worker.pid, error,
