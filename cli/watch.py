@@ -2,7 +2,8 @@
 
 The store sends a NOTIFY on ``store.CHANGES_CHANNEL`` with a payload
 ``{"kind", "job", ...}`` in the transaction of every status change and
-progress write. Notifications are hints only: Postgres drops those sent while
+progress write, except that a claim for idle workers sends it right after
+its commit. Notifications are hints only: Postgres drops those sent while
 a listener is disconnected, so the follower also re-reads the rows every
 poll interval, and a lost notification costs at most one poll. LISTEN runs on
 a dedicated autocommit psycopg connection, because a LISTEN inside an open

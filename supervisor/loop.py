@@ -32,6 +32,7 @@ import time
 import uuid
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 
 from analyses import registry
@@ -180,6 +181,11 @@ class Supervisor:
         # resolved URL, so it also points at an embedded server.
         self.database_url = engine.url.render_as_string(hide_password=False)
         self.listener: Listener | None = None
+        # Claims for idle workers use a connection of their own, outside the
+        # engine's pool, which saves the pool's checkout and reset on the way
+        # from submit to the job's start. It is opened on first use and again
+        # after a loss.
+        self.claim_connection: psycopg.Connection | None = None
 
     def _remember_backend(self, dbapi_connection, _record, _proxy) -> None:
         self.backend_pids.add(dbapi_connection.info.backend_pid)
@@ -249,6 +255,8 @@ class Supervisor:
         self.pool.close(grace_seconds=1.0)
         if self.listener is not None:
             self.listener.close()
+        if self.claim_connection is not None:
+            self.claim_connection.close()
         try:
             runs.stop_supervisor(self.engine, self.id)
         except sa.exc.SQLAlchemyError as error:
@@ -369,9 +377,12 @@ class Supervisor:
         if self.is_write_deferrable():
             return
         claimed: list[Run] = []
-        if limit and self.pending and not self.ready and self.pool.free_slots():
+        if limit and not self.ready and self.pool.free_slots():
             claimed = self.claim(limit, connection=None)
             limit = 0
+            if not self.pending and not self.dispatched:
+                self.log_claimed(claimed)
+                return
         with self.engine.begin() as connection:
             # Before the outcomes: a run may have started and ended since the last write.
             runs.mark_started(connection, self.dispatched)
@@ -407,8 +418,9 @@ class Supervisor:
         """
         # Jobs that go straight to idle workers get their start recorded by the claim itself.
         starting = max(0, len(self.pool.free_slots()) - len(self.ready))
-        jobs = runs.claim_jobs(connection or self.engine, self.id, limit, lease_seconds=self.settings.lease_seconds,
-                               starting=starting)
+        jobs = runs.claim_jobs(connection or self.open_claim_connection(), self.id, limit,
+                               lease_seconds=self.settings.lease_seconds, starting=starting,
+                               notify=connection is not None)
         # A full batch suggests more is queued: claim again on the next pass.
         self.wake_claim = len(jobs) == limit
         claimed_at = time.monotonic()
@@ -420,7 +432,25 @@ class Supervisor:
             claimed.append(run)
         if connection is None:
             self.dispatch_ready()
+            # Once the workers have their jobs: see claim_jobs. The
+            # notifications are hints, so losing them is only logged.
+            try:
+                runs.notify_running(self.engine, [job.id for job in jobs])
+            except sa.exc.SQLAlchemyError as error:
+                logger.warning("could not notify the claimed jobs' status",
+                               extra=self.log_extra("db_error", error=str(error), jobs=len(jobs)))
         return claimed
+
+    def open_claim_connection(self) -> psycopg.Connection:
+        """Return the connection for claims outside a transaction, opening it when it is closed or lost."""
+        if self.claim_connection is None or self.claim_connection.closed:
+            try:
+                self.claim_connection = db.connect_driver(self.engine.url, self.settings)
+            except psycopg.Error as error:
+                raise sa.exc.OperationalError("connect", None, error) from error
+            if is_local_database(self.engine.url):
+                self.backend_pids.add(self.claim_connection.info.backend_pid)
+        return self.claim_connection
 
     def log_claimed(self, claimed: list[Run]) -> None:
         for run in claimed:

@@ -9,15 +9,19 @@ partitioned supervisor can never overwrite the job's newer state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
+import re
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
+import psycopg
+import psycopg.rows
 import sqlalchemy as sa
 
-from supervisor import payloads
+from supervisor import access, payloads
 from supervisor.config import RETRY_BASE_SECONDS_DEFAULT, RETRY_MAX_SECONDS_DEFAULT
 from supervisor.store import (
     CHANGES_CHANNEL,
@@ -108,6 +112,37 @@ def heartbeat(
 
 # Claim -------------------------------------------------------------------
 
+# The UPDATE and event rows of a claim, shared by both claim statements.
+# ``picked`` contains the ids in claim order as one array, so the UPDATE finds
+# them through the primary key whatever the planner estimates.
+_CLAIMED = """
+    claimed AS (
+        UPDATE jobs SET
+            status = 'running', attempt = jobs.attempt + 1, attempt_token = gen_random_uuid(),
+            lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :lease),
+            started_at = CASE WHEN array_position((SELECT ids FROM picked), jobs.id) <= :starting THEN now() END,
+            updated_at = now(), event_seq = jobs.event_seq + 1,
+            progress_phase = NULL, progress_completed = NULL, progress_total = NULL,
+            progress_message = NULL, progress_rate = NULL, progress_eta_seconds = NULL,
+            progress_updated_at = NULL
+        WHERE jobs.id = ANY(CAST((SELECT ids FROM picked) AS bigint[])) AND jobs.status = ANY(:sources)
+          AND jobs.cancel_requested_at IS NULL
+        RETURNING jobs.*, array_position((SELECT ids FROM picked), jobs.id) AS position
+    ), events AS (
+        INSERT INTO job_events (job_id, seq, kind, payload)
+        SELECT id, event_seq, 'claimed',
+               jsonb_build_object('supervisor', lease_owner, 'attempt', attempt, 'token', attempt_token)
+        FROM claimed
+    )
+"""
+
+# Notifies the status change of one claimed row (see claim_jobs, ``notify``).
+_NOTIFY_RUNNING = """
+    CASE WHEN :notify AND claimed.id IS NOT NULL THEN
+        pg_notify(:channel, json_build_object('kind', 'status', 'job', claimed.id, 'status', 'running')::text)
+    END AS notified
+"""
+
 # The claim statement. Jobs are eligible when queued, due (run_after), not
 # cancelled and not past their start-by time. Among eligible jobs it prefers
 # the submitting user with the fewest running jobs, then the analysis with
@@ -190,41 +225,69 @@ _CLAIM = sa.text(
     ), fitting AS (
         SELECT * FROM analysis_ranked WHERE analysis_limit IS NULL OR analysis_load <= analysis_limit
     ), picked AS MATERIALIZED (
-        -- The ids in claim order, as one array: the UPDATE below then finds
-        -- them through the primary key whatever the planner estimates.
         SELECT array_agg(id ORDER BY user_load, analysis_load, queue_key, id) AS ids
         FROM (SELECT * FROM fitting ORDER BY user_load, analysis_load, queue_key, id LIMIT :limit) first
-    ), claimed AS (
-        UPDATE jobs SET
-            status = 'running', attempt = jobs.attempt + 1, attempt_token = gen_random_uuid(),
-            lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :lease),
-            started_at = CASE WHEN array_position((SELECT ids FROM picked), jobs.id) <= :starting THEN now() END,
-            updated_at = now(), event_seq = jobs.event_seq + 1,
-            progress_phase = NULL, progress_completed = NULL, progress_total = NULL,
-            progress_message = NULL, progress_rate = NULL, progress_eta_seconds = NULL,
-            progress_updated_at = NULL
-        WHERE jobs.id = ANY(CAST((SELECT ids FROM picked) AS bigint[])) AND jobs.status = ANY(:sources)
-          AND jobs.cancel_requested_at IS NULL
-        RETURNING jobs.*, array_position((SELECT ids FROM picked), jobs.id) AS position
-    ), events AS (
-        INSERT INTO job_events (job_id, seq, kind, payload)
-        SELECT id, event_seq, 'claimed',
-               jsonb_build_object('supervisor', lease_owner, 'attempt', attempt, 'token', attempt_token)
-        FROM claimed
-    )
+    ),"""
+    + _CLAIMED
+    + """
     SELECT claimed.*,
-           (SELECT count(*) FROM analysis_ranked) > (SELECT count(*) FROM fitting) AS limited,
-           pg_notify(:channel, json_build_object('kind', 'status', 'job', id, 'status', 'running')::text)
+           (SELECT count(*) FROM analysis_ranked) > (SELECT count(*) FROM fitting) AS limited,"""
+    + _NOTIFY_RUNNING
+    + """
     FROM claimed ORDER BY position
+    """
+)
+
+# The claim statement for the common case of one (user, analysis) pair with
+# queued jobs and no limits. The full statement then picks the pair's first
+# eligible jobs by queue key, as this one does, at a fraction of the cost
+# (about 0.7 ms less per claim on an otherwise idle server, as measured).
+# Its first column, ``applies``, is false when the case does not hold. The
+# statement then claims nothing and returns that one row, and the caller
+# runs the full statement. With no job to claim it also returns one row,
+# with null job columns.
+_CLAIM_ONE_PAIR = sa.text(
+    """
+    WITH first_pair AS (
+        SELECT submitted_by, analysis FROM jobs WHERE status = 'queued'
+        ORDER BY submitted_by, analysis LIMIT 1
+    ), guard AS MATERIALIZED (
+        SELECT NOT EXISTS (
+                   SELECT 1 FROM jobs, first_pair
+                   WHERE jobs.status = 'queued'
+                     AND (jobs.submitted_by, jobs.analysis) > (first_pair.submitted_by, first_pair.analysis))
+               AND NOT EXISTS (SELECT 1 FROM job_limits) AS applies
+    ), picked AS MATERIALIZED (
+        SELECT array_agg(c.id ORDER BY c.queue_key, c.id) AS ids
+        FROM first_pair CROSS JOIN LATERAL (
+            SELECT id, queue_key FROM jobs
+            WHERE status = 'queued' AND submitted_by = first_pair.submitted_by
+              AND analysis = first_pair.analysis
+              AND run_after <= now() AND cancel_requested_at IS NULL AND (start_by IS NULL OR start_by > now())
+            ORDER BY queue_key LIMIT :limit
+        ) c
+        WHERE (SELECT applies FROM guard)
+    ),"""
+    + _CLAIMED
+    + """
+    SELECT guard.applies, claimed.*, false AS limited,"""
+    + _NOTIFY_RUNNING
+    + """
+    FROM guard LEFT JOIN claimed ON true ORDER BY claimed.position
     """
 )
 
 # Claims take this transaction-level advisory lock first; see claim_jobs.
 CLAIM_LOCK_KEY = 0x616A_6C6D  # "ajlm"
 
+# The claim's statements in psycopg's parameter style, for pipeline mode.
+_LOCK_SQL = "SELECT pg_advisory_xact_lock(%(key)s)"
+_CLAIM_SQL, _CLAIM_ONE_PAIR_SQL = (re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", statement.text)
+                                  for statement in (_CLAIM, _CLAIM_ONE_PAIR))
 
-def claim_jobs(bind: Bind, supervisor_id: uuid.UUID, limit: int, *, lease_seconds: float,
-               starting: int = 0) -> list[Job]:
+
+def claim_jobs(bind: Bind | psycopg.Connection, supervisor_id: uuid.UUID, limit: int, *, lease_seconds: float,
+               starting: int = 0, notify: bool = True) -> list[Job]:
     """Claim up to ``limit`` queued jobs for a supervisor and return them as running, in claim order.
 
     A job with a cancel request is never claimed. The first ``starting``
@@ -236,26 +299,157 @@ def claim_jobs(bind: Bind, supervisor_id: uuid.UUID, limit: int, *, lease_second
     each counts the jobs the previous one claimed: the limits in job_limits
     and the fair order then hold across supervisors, and two claims never
     pick the same job. A claim takes a few milliseconds, so the wait is short.
+
+    Given an engine, or a psycopg connection in autocommit mode, the claim
+    is a transaction of its own, sent to the server in one round trip.
+    Given a SQLAlchemy connection, it joins that connection's transaction
+    and the caller commits.
+
+    ``notify=False`` leaves out the status notifications, and the caller
+    sends them later with ``notify_running``: delivering notifications
+    made an otherwise idle server's commit about 0.4 ms slower, and that
+    commit is on the way from submit to the job's start.
     """
     if limit <= 0:
         return []
+    if isinstance(bind, sa.Engine):
+        with bind.connect() as connection:
+            # Autocommit lets the claim send its own BEGIN and COMMIT within
+            # the pipeline: psycopg would otherwise wait for the result of
+            # the BEGIN it sends before the first statement.
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            return _claim(_SqlAlchemyDriver(connection), supervisor_id, limit, lease_seconds, starting, notify)
+    if isinstance(bind, sa.Connection):
+        return _claim(_SqlAlchemyDriver(bind, in_transaction=True), supervisor_id, limit, lease_seconds, starting,
+                      notify)
+    return _claim(_PsycopgDriver(bind), supervisor_id, limit, lease_seconds, starting, notify)
+
+
+def _claim(driver: _ClaimDriver, supervisor_id: uuid.UUID, limit: int, lease_seconds: float, starting: int,
+           notify: bool) -> list[Job]:
     claimed: list[Job] = []
     batch = min(limit, MAX_CLAIM_BATCH)
-    with _transaction(bind) as connection:
-        # A statement of its own: the claim's snapshot must be taken after
-        # the lock is granted, to see the previous holder's claims.
-        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
-        while len(claimed) < batch:
-            rows = connection.execute(
-                _CLAIM,
-                {"limit": batch - len(claimed), "owner": supervisor_id, "lease": lease_seconds,
-                 "sources": sources(Status.RUNNING), "channel": CHANGES_CHANNEL,
-                 "starting": max(0, starting - len(claimed))},
-            ).all()
-            claimed.extend(Job.from_row(row) for row in rows)
-            if not rows or not rows[0].limited:
-                break
+    # Only a claim that is a transaction of its own can fall back to the
+    # full statement in a further transaction.
+    try_one_pair = not driver.in_transaction
+    while len(claimed) < batch:
+        params = {"limit": batch - len(claimed), "owner": supervisor_id, "lease": lease_seconds,
+                  "sources": list(sources(Status.RUNNING)), "channel": CHANGES_CHANNEL,
+                  "starting": max(0, starting - len(claimed)), "key": CLAIM_LOCK_KEY, "notify": notify}
+        if try_one_pair:
+            try_one_pair = False
+            rows = driver.run(_CLAIM_ONE_PAIR_SQL, params)
+            if rows[0]["applies"]:
+                return [Job.from_mapping(row) for row in rows if row["id"] is not None]
+        rows = driver.run(_CLAIM_SQL, params)
+        claimed.extend(Job.from_mapping(row) for row in rows)
+        # "limited": a job was left out only because another fitted first;
+        # a further statement can claim it. In a transaction of its own,
+        # that is a further transaction, which again takes the lock.
+        if not rows or not rows[0]["limited"]:
+            break
     return claimed
+
+
+def notify_running(bind: Bind, job_ids: Sequence[int]) -> None:
+    """Send the status notifications of claimed jobs that ``claim_jobs(notify=False)`` left out.
+
+    The transaction writes nothing but the notifications, which are hints,
+    so its commit does not wait for the WAL flush.
+    """
+    if not job_ids:
+        return
+    with _transaction(bind) as connection:
+        connection.execute(sa.text("SET LOCAL synchronous_commit = off"))
+        connection.execute(
+            sa.text("SELECT pg_notify(:channel, json_build_object('kind', 'status', 'job', id, 'status', 'running')::text) "
+                    "FROM unnest(CAST(:ids AS bigint[])) AS id"),
+            {"channel": CHANGES_CHANNEL, "ids": list(job_ids)},
+        )
+
+
+class _ClaimDriver:
+    """Runs the lock and a claim statement in pipeline mode and returns the claimed rows.
+
+    Pipeline mode sends the statements together and waits once for all
+    their results. The server still runs them one after the other, so the
+    claim statement's snapshot is taken after the lock is granted and
+    includes the previous holder's claims. Outside a transaction, the pipeline also
+    holds BEGIN and COMMIT; a failed statement then leaves the transaction
+    aborted, and it is rolled back here.
+    """
+
+    in_transaction = False
+
+    def run(self, statement: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _pipeline(self, driver: psycopg.Connection, statement: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        try:
+            with driver.pipeline():
+                if not self.in_transaction:
+                    driver.execute("BEGIN")
+                driver.execute(_LOCK_SQL, params)
+                cursor = driver.cursor(row_factory=psycopg.rows.dict_row)
+                cursor.execute(statement, params)
+                if not self.in_transaction:
+                    driver.execute("COMMIT")
+            return cursor.fetchall()
+        finally:
+            if (not self.in_transaction and not driver.closed
+                    and driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE):
+                with contextlib.suppress(psycopg.Error):
+                    driver.rollback()
+
+
+class _PsycopgDriver(_ClaimDriver):
+    """A psycopg connection in autocommit mode."""
+
+    def __init__(self, connection: psycopg.Connection) -> None:
+        self.connection = connection
+
+    def run(self, statement: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        try:
+            return self._pipeline(self.connection, statement, params)
+        except psycopg.Error as error:
+            _raise_driver_error(error, statement, params)
+
+
+class _SqlAlchemyDriver(_ClaimDriver):
+    """A SQLAlchemy connection: in autocommit mode, or ``in_transaction``, joining its open transaction.
+
+    A connection the server closed leaves the pool, as after a failed
+    ``execute``.
+    """
+
+    def __init__(self, connection: sa.Connection, *, in_transaction: bool = False) -> None:
+        self.connection = connection
+        self.in_transaction = in_transaction
+
+    def run(self, statement: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        driver = self.connection.connection.driver_connection
+        try:
+            return self._pipeline(driver, statement, params)
+        except psycopg.Error as error:
+            disconnected = driver.closed or self.connection.dialect.is_disconnect(error, driver, None)
+            if disconnected:
+                self.connection.invalidate(error)
+            _raise_driver_error(error, statement, params, disconnected=disconnected)
+
+
+def _raise_driver_error(error: psycopg.Error, statement: str, params: dict[str, Any], *,
+                        disconnected: bool = False) -> NoReturn:
+    """Raise what SQLAlchemy would raise for ``error``, raised by the driver outside SQLAlchemy.
+
+    Callers handle SQLAlchemy's exception classes (OperationalError for a
+    lost server) and ``PermissionDenied`` for a privilege error, as
+    ``_transaction`` raises it.
+    """
+    wrapped = sa.exc.DBAPIError.instance(statement, params, error, psycopg.Error,
+                                         connection_invalidated=disconnected)
+    if access.is_permission_error(wrapped):
+        raise access.permission_denied(wrapped) from wrapped
+    raise wrapped from error
 
 
 def mark_started(bind: Bind, started: Sequence[tuple[int, uuid.UUID]]) -> None:

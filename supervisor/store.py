@@ -20,7 +20,7 @@ import datetime as dt
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -100,7 +100,10 @@ class Job:
 
     @classmethod
     def from_row(cls, row: sa.Row) -> "Job":
-        mapping = row._mapping
+        return cls.from_mapping(row._mapping)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "Job":
         return cls(**{field.name: mapping[field.name] for field in dataclasses.fields(cls)})
 
     @property

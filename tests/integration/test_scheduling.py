@@ -315,6 +315,74 @@ def test_claims_are_maximal_within_limits_and_fair(engine, specs, limits, free):
                 assert running[("user", job.submitted_by)] >= running[("user", user)] - 1
 
 
+# Property: the one-pair claim statement picks what the full one picks --------
+
+# (user, analysis, queue key, state) of one job; "late" is not yet due,
+# "cancelling" has a cancel request, "expired" is past its start-by time.
+# Most jobs share one pair, so that many examples have one pair waiting.
+PAIRS = [(USERS[0], ANALYSES[0])] * 6 + [(USERS[1], ANALYSES[0]), (USERS[0], ANALYSES[1])]
+pair_job_specs = st.lists(
+    st.tuples(st.sampled_from(PAIRS), st.integers(0, 6),
+              st.sampled_from(("queued", "queued", "queued", "running", "late", "cancelling", "expired"))
+              ).map(lambda spec: (*spec[0], *spec[1:])),
+    max_size=12)
+
+
+def run_claim_statement(engine, statement, limit, starting) -> tuple[bool | None, list[int]]:
+    """Run one claim statement in a transaction that is rolled back; return ``applies`` and the claimed ids."""
+    params = {"limit": limit, "owner": OWNER, "lease": 30.0, "sources": ["queued"], "starting": starting,
+              "channel": store.CHANGES_CHANNEL, "notify": False}
+    with engine.connect() as connection:
+        rows = connection.execute(statement, params).mappings().all()
+        connection.rollback()
+    applies = rows[0]["applies"] if rows and "applies" in rows[0] else None
+    return applies, [row["id"] for row in rows if row["id"] is not None]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=pair_job_specs, limited=st.booleans(), limit=st.integers(1, 5), starting=st.integers(0, 3))
+def test_one_pair_claim_matches_full_claim(engine, specs, limited, limit, starting):
+    """Where the one-pair statement applies, it claims the same jobs in the same order as the full one."""
+    with engine.begin() as connection:
+        connection.execute(sa.text("TRUNCATE jobs, job_events, job_limits RESTART IDENTITY CASCADE"))
+        for user, analysis, key, state in specs:
+            running = state == "running"
+            connection.execute(sa.text(
+                "INSERT INTO jobs (analysis, params, submitted_by, max_attempts, queue_key, status, attempt, "
+                "lease_owner, lease_expires_at, attempt_token, run_after, cancel_requested_at, start_by) "
+                "VALUES (:analysis, '{}', :user, 3, :key, :status, :attempt, :owner, :expires, :token, "
+                "now() + make_interval(secs => :delay), :cancel, :start_by)"),
+                {"analysis": analysis, "user": user, "key": 1000 + key,
+                 "status": "running" if running else "queued", "attempt": 1 if running else 0,
+                 "owner": OTHER if running else None, "expires": "2999-01-01" if running else None,
+                 "token": uuid.uuid4() if running else None, "delay": 3600 if state == "late" else -1,
+                 "cancel": dt.datetime.now(dt.timezone.utc) if state == "cancelling" else None,
+                 "start_by": "2000-01-01" if state == "expired" else None})
+    if limited:
+        store.set_limit(engine, "user", "nobody", 1)
+    waiting_pairs = {(user, analysis) for user, analysis, _, state in specs if state != "running"}
+
+    applies, one_pair = run_claim_statement(engine, runs._CLAIM_ONE_PAIR, limit, starting)
+    _, full = run_claim_statement(engine, runs._CLAIM, limit, starting)
+
+    expected = len(waiting_pairs) <= 1 and not limited
+    assert applies == expected
+    if applies:
+        assert one_pair == full
+    else:
+        assert one_pair == []
+
+
+def test_claim_two_pairs_uses_full_statement(engine):
+    alice = [submit(engine, "alice") for _ in range(2)]
+    bob = submit(engine, "bob")
+
+    # Standalone claims try the one-pair statement first; two users wait.
+    claimed = [job.id for job in claim(engine, 3)]
+
+    assert claimed == [alice[0], bob, alice[1]]
+
+
 # Run policy defaults of an analysis ------------------------------------------
 
 
