@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor import runs, store
+from supervisor import db, runs, store
 from supervisor.errors import InvalidRequest
 
 OWNER = uuid.UUID(int=1)
@@ -437,3 +437,20 @@ def test_submit_rejects_bad_memory_limit(engine, value):
 
     assert raised.value.field == "memory_limit_mib"
     assert store.list_jobs(engine) == []
+
+
+def test_claim_lost_connection_raises_operational_error(engine, database_url):
+    submit(engine)
+    connection = db.connect_driver(database_url)
+    with engine.begin() as admin:
+        admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": connection.info.backend_pid})
+
+    # The supervisor's loop retries on OperationalError and opens a new connection once this one is closed.
+    with connection:
+        with pytest.raises(sa.exc.OperationalError):
+            runs.claim_jobs(connection, OWNER, 1, lease_seconds=30)
+        assert connection.closed
+
+    with db.connect_driver(database_url) as fresh:
+        claimed = runs.claim_jobs(fresh, OWNER, 1, lease_seconds=30)
+    assert len(claimed) == 1
