@@ -547,7 +547,8 @@ def logs(
     """Print the last lines of the service's log file, and with --follow the lines that follow."""
     kind = choose_kind(agent, daemon, False)
     located = locate(kind, install_dir)
-    if located is None:
+    # With --agent or --daemon, locate returns the expected path even when no plist is there.
+    if located is None or not located[1].exists():
         launchd.require_launchctl()
         raise InvalidRequest(not_installed_message(kind, install_dir) + "; `analysisctl service install` installs it")
     kind, plist_path = located

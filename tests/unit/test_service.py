@@ -767,6 +767,21 @@ def test_logs_missing_file(runner, folders, tmp_path, no_launchd):
     assert "no log file at" in result.stderr
 
 
+@pytest.mark.parametrize("kind", ["--agent", "--daemon"])
+def test_logs_without_launchd_exit_7(runner, folders, no_launchd, kind):
+    result = runner.invoke(app, ["service", "logs", kind, "--install-dir", str(folders["install"])])
+
+    assert result.exit_code == 7, result.output
+    assert "launchd is not available" in result.stderr
+
+
+def test_logs_not_installed_exit_4(runner, folders, launchctl):
+    result = runner.invoke(app, ["service", "logs", "--daemon", "--install-dir", str(folders["install"])])
+
+    assert result.exit_code == 4, result.output
+    assert "not installed" in result.stderr
+
+
 def test_tail_lines_across_blocks(tmp_path, monkeypatch):
     monkeypatch.setattr(log_tail, "TAIL_BLOCK_BYTES", 16)
     path = tmp_path / "log"
