@@ -94,6 +94,10 @@ OUTCOME_DELAY_SECONDS = 0.01
 # supervisor at once retry without end; 0 records on the next pass.
 START_RECORD_DELAY_SECONDS = 0.0
 OUTCOME_BATCH_MAX = 64
+# The 'running' notifications of a claim for idle workers wait this long, or
+# until the next write, which then carries them. Sent at once, their
+# transaction's server process took CPU from the workers starting the jobs.
+NOTIFY_DELAY_SECONDS = 0.01
 DB_RETRY_SECONDS_MAX = 10.0
 
 
@@ -186,6 +190,9 @@ class Supervisor:
         # from submit to the job's start. It is opened on first use and again
         # after a loss.
         self.claim_connection: psycopg.Connection | None = None
+        # Jobs claimed without their 'running' notification (see claim_jobs).
+        self.unnotified: list[int] = []
+        self.unnotified_since: float | None = None
 
     def _remember_backend(self, dbapi_connection, _record, _proxy) -> None:
         self.backend_pids.add(dbapi_connection.info.backend_pid)
@@ -304,6 +311,8 @@ class Supervisor:
         if self.wake_cancel:
             self.wake_cancel = False
             self.apply_cancel_requests()
+        if self.unnotified_since is not None and now - self.unnotified_since >= NOTIFY_DELAY_SECONDS:
+            self.send_notifications(self.engine)
         self.release_ready(reason="prefetch_expired", older_than=PREFETCH_HOLD_SECONDS)
         self.write_and_claim()
         self.write_progress(now)
@@ -317,6 +326,8 @@ class Supervisor:
         wake = min(self.next_poll, self.next_heartbeat, now + interval)
         if self.pending_since is not None:
             wake = min(wake, self.pending_since + OUTCOME_DELAY_SECONDS)
+        if self.unnotified_since is not None:
+            wake = min(wake, self.unnotified_since + NOTIFY_DELAY_SECONDS)
         for run in self.runs.values():
             if run.stop_deadline is not None:
                 wake = min(wake, run.stop_deadline)
@@ -386,6 +397,7 @@ class Supervisor:
         with self.engine.begin() as connection:
             # Before the outcomes: a run may have started and ended since the last write.
             runs.mark_started(connection, self.dispatched)
+            self.send_notifications(connection)
             self.flush_pending(connection)
             if limit:
                 claimed = self.claim(limit, connection)
@@ -432,14 +444,29 @@ class Supervisor:
             claimed.append(run)
         if connection is None:
             self.dispatch_ready()
-            # Once the workers have their jobs: see claim_jobs. The
-            # notifications are hints, so losing them is only logged.
-            try:
-                runs.notify_running(self.engine, [job.id for job in jobs])
-            except sa.exc.SQLAlchemyError as error:
-                logger.warning("could not notify the claimed jobs' status",
-                               extra=self.log_extra("db_error", error=str(error), jobs=len(jobs)))
+            if jobs:
+                self.unnotified.extend(job.id for job in jobs)
+                if self.unnotified_since is None:
+                    self.unnotified_since = time.monotonic()
         return claimed
+
+    def send_notifications(self, bind: sa.Engine | sa.Connection) -> None:
+        """Send the 'running' notifications that claims for idle workers left out.
+
+        Given the engine, they go in a transaction of their own, and a
+        failure is only logged: notifications are hints.
+        """
+        if not self.unnotified:
+            return
+        try:
+            runs.notify_running(bind, self.unnotified)
+        except sa.exc.SQLAlchemyError as error:
+            if isinstance(bind, sa.Connection):
+                raise
+            logger.warning("could not notify the claimed jobs' status",
+                           extra=self.log_extra("db_error", error=str(error), jobs=len(self.unnotified)))
+        self.unnotified.clear()
+        self.unnotified_since = None
 
     def open_claim_connection(self) -> psycopg.Connection:
         """Return the connection for claims outside a transaction, opening it when it is closed or lost."""

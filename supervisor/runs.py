@@ -354,13 +354,15 @@ def _claim(driver: _ClaimDriver, supervisor_id: uuid.UUID, limit: int, lease_sec
 def notify_running(bind: Bind, job_ids: Sequence[int]) -> None:
     """Send the status notifications of claimed jobs that ``claim_jobs(notify=False)`` left out.
 
-    The transaction writes nothing but the notifications, which are hints,
-    so its commit does not wait for the WAL flush.
+    Given an engine, the transaction writes nothing but the notifications,
+    which are hints, so its commit does not wait for the WAL flush. Given a
+    connection, they are sent when its transaction commits.
     """
     if not job_ids:
         return
     with _transaction(bind) as connection:
-        connection.execute(sa.text("SET LOCAL synchronous_commit = off"))
+        if not isinstance(bind, sa.Connection):
+            connection.execute(sa.text("SET LOCAL synchronous_commit = off"))
         connection.execute(
             sa.text("SELECT pg_notify(:channel, json_build_object('kind', 'status', 'job', id, 'status', 'running')::text) "
                     "FROM unnest(CAST(:ids AS bigint[])) AS id"),

@@ -373,7 +373,10 @@ def test_prefetched_job_keeps_attempt_on_kill(engine, start_supervisor, tmp_path
 def test_double_sigterm_forced_exit_recovers(engine, start_supervisor, tmp_path):
     supervisor = start_supervisor(workers=2)
     run_log = tmp_path / "runs.log"
-    jobs = [submit(engine, steps=60, step_seconds=0.05, run_log=str(run_log)) for _ in range(2)]
+    # The jobs ignore cancel: a cooperative stop could otherwise re-queue one
+    # before the second signal arrives, and the outcome would depend on timing.
+    jobs = [submit(engine, steps=60, step_seconds=0.05, run_log=str(run_log), ignore_cancel=True)
+            for _ in range(2)]
     for job_id in jobs:
         wait_for_status(engine, job_id, "running")
     workers = supervisor.worker_pids()

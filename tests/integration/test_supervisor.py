@@ -213,6 +213,25 @@ def test_notifications_stay_small_with_large_params(engine, start_supervisor, da
     assert all(json.loads(payload)["job"] == job_id for payload in received)
 
 
+@pytest.mark.parametrize("steps", [1, 40])
+def test_claim_sends_running_notification(engine, start_supervisor, database_url, steps):
+    # A claim for an idle worker sends its hint after the dispatch: with the
+    # job's outcome for a short job, on its own for a long one.
+    start_supervisor(workers=1)
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as connection:
+        connection.execute(f"LISTEN {store.CHANGES_CHANNEL}")
+        job_id = submit(engine, steps=steps, step_seconds=0.05)
+        statuses = []
+        deadline = time.monotonic() + 20
+        while "succeeded" not in statuses and time.monotonic() < deadline:
+            for note in connection.notifies(timeout=0.5, stop_after=1):
+                payload = json.loads(note.payload)
+                if payload["job"] == job_id and payload["kind"] == "status":
+                    statuses.append(payload["status"])
+
+    assert statuses == ["queued", "running", "succeeded"]
+
+
 def test_non_finite_result_stored_as_null(engine, start_supervisor):
     start_supervisor(workers=1)
     job_id = submit(engine, steps=1, result={"r": [1.5]}, non_finite_result=True)
