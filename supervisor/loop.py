@@ -395,8 +395,6 @@ class Supervisor:
                 self.log_claimed(claimed)
                 return
         with self.engine.begin() as connection:
-            # Before the outcomes: a run may have started and ended since the last write.
-            runs.mark_started(connection, self.dispatched)
             self.send_notifications(connection)
             self.flush_pending(connection)
             if limit:
@@ -623,12 +621,13 @@ class Supervisor:
             self.dispatch_ready()
 
     def flush_pending(self, connection: sa.Connection) -> None:
-        """Write all pending outcomes in ``connection``'s transaction, each in a savepoint of its own.
+        """Record the starts of dispatched runs, then write all pending outcomes, in ``connection``'s transaction.
 
         One commit for a batch of outcomes instead of one per job: with short
         jobs the WAL flush of each commit dominates the cost of finishing.
-        An outcome the database rejects (a summary it cannot store) fails its
-        own job and leaves the others in the batch intact.
+        Each outcome other than a success is written in a savepoint of its
+        own, so an outcome the database rejects (a summary it cannot store)
+        fails its own job and leaves the others in the batch intact.
         """
         successes, others = [], []
         for run, outcome in self.pending:
@@ -639,6 +638,11 @@ class Supervisor:
                 successes.append((run, outcome, document))
             else:
                 others.append((run, outcome))
+        # Before the outcomes, since a run may have started and ended since
+        # the last write. The success statement records the start of a run
+        # that also succeeded, which saves a row update per short job.
+        succeeded = {run.job.id for run, _, _ in successes}
+        runs.mark_started(connection, [entry for entry in self.dispatched if entry[0] not in succeeded])
         if successes:
             self.record_successes(connection, successes)
         for run, outcome in others:
@@ -663,7 +667,6 @@ class Supervisor:
     def write_pending(self) -> None:
         try:
             with self.engine.begin() as connection:
-                runs.mark_started(connection, self.dispatched)
                 self.flush_pending(connection)
             self.dispatched.clear()
             self.dispatched_since = None
