@@ -224,6 +224,30 @@ def test_cancel_running_job_records_request(engine):
     assert event_kinds(engine, job_id) == ["submitted", "claimed", "cancel_requested", "cancelled"]
 
 
+def test_success_records_missing_start(engine):
+    job_id = store.submit(engine, "noop", {}, user="alice").job.id
+    [run] = runs.claim_jobs(engine, OWNER, 1, lease_seconds=30)
+    assert run.started_at is None
+
+    runs.succeed_run(engine, job_id, run.attempt_token, {"ok": True})
+
+    job = store.get_job(engine, job_id)
+    assert job.started_at is not None
+    assert job.started_at <= job.finished_at
+
+
+def test_success_keeps_recorded_start(engine):
+    job_id = store.submit(engine, "noop", {}, user="alice").job.id
+    [run] = runs.claim_jobs(engine, OWNER, 1, lease_seconds=30, starting=1)
+    time.sleep(0.01)
+
+    runs.succeed_run(engine, job_id, run.attempt_token, {"ok": True})
+
+    job = store.get_job(engine, job_id)
+    assert job.started_at == run.started_at
+    assert job.started_at < job.finished_at
+
+
 def test_cancel_finished_job_changes_nothing(engine):
     job_id = store.submit(engine, "noop", {}, user="alice").job.id
     [run] = runs.claim_jobs(engine, OWNER, 1, lease_seconds=30)
