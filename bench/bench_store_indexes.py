@@ -332,19 +332,15 @@ def server_url(argument: str | None) -> str:
     return embedded.start(Path(tempfile.gettempdir()) / "analysis-jobs-bench", database="postgres")
 
 
-def libpq_url(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def create_database(url: str) -> tuple[str, str]:
     name = f"analysis_bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(libpq_url(url), autocommit=True) as connection:
+    with psycopg.connect(db.libpq_url(url), autocommit=True) as connection:
         connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return name, make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
 def drop_database(url: str, name: str) -> None:
-    with psycopg.connect(libpq_url(url), autocommit=True) as connection:
+    with psycopg.connect(db.libpq_url(url), autocommit=True) as connection:
         connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 

@@ -194,15 +194,11 @@ def load_average() -> str:
 # Scratch database -----------------------------------------------------------
 
 
-def libpq_url(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @contextlib.contextmanager
 def scratch_database(server_url: str) -> Iterator[str]:
     """Create a uniquely named database migrated to head, yield its URL and drop it afterwards."""
     name = f"bench_sup_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(libpq_url(server_url), autocommit=True) as connection:
+    with psycopg.connect(db.libpq_url(server_url), autocommit=True) as connection:
         connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = make_url(db.normalise_url(server_url)).set(database=name).render_as_string(hide_password=False)
     log(f"scratch database {name} on {db.redact(server_url)}")
@@ -210,7 +206,7 @@ def scratch_database(server_url: str) -> Iterator[str]:
         db.upgrade(url)
         yield url
     finally:
-        with psycopg.connect(libpq_url(server_url), autocommit=True) as connection:
+        with psycopg.connect(db.libpq_url(server_url), autocommit=True) as connection:
             connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         log(f"dropped {name}")
 

@@ -40,10 +40,6 @@ def _server_url() -> str:
     return embedded.start(data_dir, database="postgres")
 
 
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 class ScratchDatabases:
     """Creates databases on the test server and drops them at the end of the run."""
 
@@ -53,13 +49,13 @@ class ScratchDatabases:
 
     def create(self, prefix: str = "analysis_test") -> str:
         name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(_libpq(self.server_url), autocommit=True) as connection:
+        with psycopg.connect(db.libpq_url(self.server_url), autocommit=True) as connection:
             connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         self.created.append(name)
         return make_url(self.server_url).set(database=name).render_as_string(hide_password=False)
 
     def drop_all(self) -> None:
-        with psycopg.connect(_libpq(self.server_url), autocommit=True) as connection:
+        with psycopg.connect(db.libpq_url(self.server_url), autocommit=True) as connection:
             for name in self.created:
                 connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
@@ -124,7 +120,7 @@ def engine(session_engine):
 def pytest_report_header(config):
     try:
         url = _server_url()
-        with psycopg.connect(_libpq(url)) as connection:
+        with psycopg.connect(db.libpq_url(url)) as connection:
             version = connection.execute("SHOW server_version").fetchone()[0]
         source = "ANALYSIS_DATABASE_URL" if os.environ.get("ANALYSIS_DATABASE_URL") else "embedded"
         return [f"postgres: {version} ({source}: {db.redact(url)})"]
