@@ -1,0 +1,81 @@
+"""A claim inside the batch transaction must not leave runs behind when that transaction fails to commit."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from supervisor import config, store
+from supervisor.loop import Supervisor
+from tests.integration.supervisor_harness import FAST_SETTINGS, wait_for
+
+# A deferred constraint trigger runs at COMMIT. This one ends its own server
+# process when the committing transaction moved a job from queued to
+# running. To the supervisor that looks like a connection lost during the
+# batch commit, because the claim's UPDATE ran and the commit did not.
+INSTALL_COMMIT_FAILURE = [
+    """
+    CREATE FUNCTION test_fail_claim_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_terminate_backend(pg_backend_pid());
+        PERFORM pg_sleep(5);
+        RETURN NULL;
+    END $$
+    """,
+    """
+    CREATE CONSTRAINT TRIGGER test_fail_claim_commit AFTER UPDATE ON jobs
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    WHEN (OLD.status = 'queued' AND NEW.status = 'running')
+    EXECUTE FUNCTION test_fail_claim_commit()
+    """,
+]
+REMOVE_COMMIT_FAILURE = [
+    "DROP TRIGGER IF EXISTS test_fail_claim_commit ON jobs",
+    "DROP FUNCTION IF EXISTS test_fail_claim_commit()",
+]
+
+
+def execute_all(engine: sa.Engine, statements: list[str]) -> None:
+    with engine.begin() as connection:
+        for statement in statements:
+            connection.execute(sa.text(statement))
+
+
+@pytest.fixture
+def local_supervisor(engine, database_url, tmp_path):
+    environ = {**FAST_SETTINGS, "ANALYSIS_DATABASE_URL": database_url, "ANALYSIS_DATA_DIR": str(tmp_path),
+               "ANALYSIS_WORKERS": "1", "ANALYSIS_CONFIG": ""}
+    supervisor = Supervisor(config.load(environ), engine)
+    supervisor.start()
+    yield supervisor
+    execute_all(engine, REMOVE_COMMIT_FAILURE)
+    supervisor.shutdown()
+
+
+def test_failed_batch_commit_keeps_no_claimed_runs(engine, local_supervisor):
+    supervisor = local_supervisor
+    busy = store.submit(engine, "noop", {"steps": 50, "step_seconds": 0.1}, user="tester").job.id
+    wait_for(lambda: supervisor.pool.running() or supervisor.tick(time.monotonic()), 30, "the first job to start")
+    assert busy in supervisor.runs
+
+    # With the only worker busy and short recent runs, the next claim
+    # prefetches inside the batch transaction (write_and_claim).
+    waiting = store.submit(engine, "noop", {"steps": 1}, user="tester").job.id
+    supervisor.recent_run_seconds = 0.001
+    supervisor.wake_claim = True
+    assert supervisor.pool.free_slots() == []
+    assert supervisor.claim_limit() > 0
+    execute_all(engine, INSTALL_COMMIT_FAILURE)
+
+    with pytest.raises(sa.exc.OperationalError):
+        supervisor.write_and_claim()
+
+    # The claim was rolled back with its transaction, so the job is still
+    # queued for any supervisor to claim. A run kept in memory would be
+    # dispatched once the worker is free, without a lease: the job would
+    # then run twice at once if another supervisor claimed it meanwhile.
+    assert store.get_job(engine, waiting).status == "queued"
+    assert waiting not in supervisor.runs
+    assert [run.job.id for run, _ in supervisor.ready] == []
