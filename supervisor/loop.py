@@ -23,6 +23,7 @@ outcomes that could not be written are kept and written later.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -193,6 +194,9 @@ class Supervisor:
         # Jobs claimed without their 'running' notification (see claim_jobs).
         self.unnotified: list[int] = []
         self.unnotified_since: float | None = None
+        # Set when a claim failed: its commit may still have reached the
+        # server (see release_unconfirmed_claims).
+        self.claims_unconfirmed = False
 
     def _remember_backend(self, dbapi_connection, _record, _proxy) -> None:
         self.backend_pids.add(dbapi_connection.info.backend_pid)
@@ -262,8 +266,7 @@ class Supervisor:
         self.pool.close(grace_seconds=1.0)
         if self.listener is not None:
             self.listener.close()
-        if self.claim_connection is not None:
-            self.claim_connection.close()
+        self.close_claim_connection()
         try:
             runs.stop_supervisor(self.engine, self.id)
         except sa.exc.SQLAlchemyError as error:
@@ -314,6 +317,8 @@ class Supervisor:
         if self.unnotified_since is not None and now - self.unnotified_since >= NOTIFY_DELAY_SECONDS:
             self.send_notifications(self.engine)
         self.release_ready(reason="prefetch_expired", older_than=PREFETCH_HOLD_SECONDS)
+        if self.claims_unconfirmed:
+            self.release_unconfirmed_claims()
         self.write_and_claim()
         self.write_progress(now)
 
@@ -389,16 +394,26 @@ class Supervisor:
             return
         claimed: list[Run] = []
         if limit and not self.ready and self.pool.free_slots():
-            claimed = self.claim(limit, connection=None)
+            claimed = self.claim(limit)
             limit = 0
             if not self.pending and not self.dispatched:
                 self.log_claimed(claimed)
                 return
-        with self.engine.begin() as connection:
-            self.send_notifications(connection)
-            self.flush_pending(connection)
-            if limit:
-                claimed = self.claim(limit, connection)
+        jobs: list[store.Job] = []
+        try:
+            with self.engine.begin() as connection:
+                self.send_notifications(connection)
+                self.flush_pending(connection)
+                if limit:
+                    jobs = self.claim_in(connection, limit)
+        except sa.exc.SQLAlchemyError:
+            # The commit may have failed after the server applied it.
+            self.claims_unconfirmed = self.claims_unconfirmed or bool(limit)
+            raise
+        # Only now that the claim is committed do its runs exist here: a
+        # failed commit must not leave runs that a worker would start
+        # without a lease, while another supervisor claims the same job.
+        claimed += self.accept_claimed(jobs)
         self.dispatched.clear()
         self.dispatched_since = None
         self.pending.clear()
@@ -420,19 +435,43 @@ class Supervisor:
             return False
         return len(self.ready) >= self.slots
 
-    def claim(self, limit: int, connection: sa.Connection | None) -> list[Run]:
-        """Claim up to ``limit`` jobs into the prefetch queue; without ``connection``, also dispatch.
+    def claim(self, limit: int) -> list[Run]:
+        """Claim up to ``limit`` jobs in a transaction of their own and hand them to idle workers at once.
 
-        The caller logs the returned runs, after dispatching, so logging does
-        not delay a job's start.
+        The rest wait in the prefetch queue. The caller logs the returned
+        runs, after dispatching, so logging does not delay a job's start.
         """
+        try:
+            jobs = self.claim_jobs(self.open_claim_connection(), limit, notify=False)
+        except sa.exc.SQLAlchemyError:
+            # The commit may have failed after the server applied it, and
+            # the connection may be unusable however it reports itself.
+            self.claims_unconfirmed = True
+            self.close_claim_connection()
+            raise
+        claimed = self.accept_claimed(jobs)
+        self.dispatch_ready()
+        if jobs:
+            self.unnotified.extend(job.id for job in jobs)
+            if self.unnotified_since is None:
+                self.unnotified_since = time.monotonic()
+        return claimed
+
+    def claim_in(self, connection: sa.Connection, limit: int) -> list[store.Job]:
+        """Claim up to ``limit`` jobs in ``connection``'s transaction; ``accept_claimed`` them after the commit."""
+        return self.claim_jobs(connection, limit, notify=True)
+
+    def claim_jobs(self, bind: psycopg.Connection | sa.Connection, limit: int, *, notify: bool) -> list[store.Job]:
         # Jobs that go straight to idle workers get their start recorded by the claim itself.
         starting = max(0, len(self.pool.free_slots()) - len(self.ready))
-        jobs = runs.claim_jobs(connection or self.open_claim_connection(), self.id, limit,
-                               lease_seconds=self.settings.lease_seconds, starting=starting,
-                               notify=connection is not None)
+        jobs = runs.claim_jobs(bind, self.id, limit, lease_seconds=self.settings.lease_seconds,
+                               starting=starting, notify=notify)
         # A full batch suggests more is queued: claim again on the next pass.
         self.wake_claim = len(jobs) == limit
+        return jobs
+
+    def accept_claimed(self, jobs: list[store.Job]) -> list[Run]:
+        """Add committed claims to the runs and the prefetch queue."""
         claimed_at = time.monotonic()
         claimed = []
         for job in jobs:
@@ -440,13 +479,26 @@ class Supervisor:
             self.runs[job.id] = run
             self.ready.append((run, claimed_at))
             claimed.append(run)
-        if connection is None:
-            self.dispatch_ready()
-            if jobs:
-                self.unnotified.extend(job.id for job in jobs)
-                if self.unnotified_since is None:
-                    self.unnotified_since = time.monotonic()
         return claimed
+
+    def release_unconfirmed_claims(self) -> None:
+        """Give back the jobs that run under this supervisor's lease in the database but are unknown here.
+
+        A claim whose commit reached the server while its reply was lost
+        leaves such jobs: running under this supervisor's lease, never
+        dispatched. They go back to the queue with their attempt, at once,
+        instead of holding limits until the lease expires and then losing
+        the attempt to a start the claim recorded.
+        """
+        known = {run.token for run in self.runs.values()} | {run.token for run, _ in self.pending}
+        for job_id, token in runs.leased_runs(self.engine, self.id):
+            if token in known:
+                continue
+            status = runs.requeue_run(self.engine, job_id, token, reason="claim_unconfirmed")
+            logger.warning("claimed job given back: its claim's commit was not confirmed",
+                           extra=self.log_extra("job_requeued", job_id=job_id, reason="claim_unconfirmed",
+                                                status=status))
+        self.claims_unconfirmed = False
 
     def send_notifications(self, bind: sa.Engine | sa.Connection) -> None:
         """Send the 'running' notifications that claims for idle workers left out.
@@ -454,17 +506,26 @@ class Supervisor:
         Given the engine, they go in a transaction of their own, and a
         failure is only logged: notifications are hints.
         """
-        if not self.unnotified:
+        # A job given back or cancelled meanwhile is running no longer.
+        current = set(self.runs) | {run.job.id for run, _ in self.pending}
+        job_ids = [job_id for job_id in self.unnotified if job_id in current]
+        self.unnotified.clear()
+        self.unnotified_since = None
+        if not job_ids:
             return
         try:
-            runs.notify_running(bind, self.unnotified)
+            runs.notify_running(bind, job_ids)
         except sa.exc.SQLAlchemyError as error:
             if isinstance(bind, sa.Connection):
                 raise
             logger.warning("could not notify the claimed jobs' status",
-                           extra=self.log_extra("db_error", error=str(error), jobs=len(self.unnotified)))
-        self.unnotified.clear()
-        self.unnotified_since = None
+                           extra=self.log_extra("db_error", error=str(error), jobs=len(job_ids)))
+
+    def close_claim_connection(self) -> None:
+        if self.claim_connection is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.claim_connection.close()
+            self.claim_connection = None
 
     def open_claim_connection(self) -> psycopg.Connection:
         """Return the connection for claims outside a transaction, opening it when it is closed or lost."""

@@ -7,7 +7,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from supervisor import config, store
+from supervisor import config, runs, store
 from supervisor.loop import Supervisor
 from tests.integration.supervisor_harness import FAST_SETTINGS, wait_for
 
@@ -79,3 +79,47 @@ def test_failed_batch_commit_keeps_no_claimed_runs(engine, local_supervisor):
     assert store.get_job(engine, waiting).status == "queued"
     assert waiting not in supervisor.runs
     assert [run.job.id for run, _ in supervisor.ready] == []
+
+
+def test_unconfirmed_claim_given_back_with_attempt(engine, local_supervisor):
+    supervisor = local_supervisor
+    job_id = store.submit(engine, "noop", {"steps": 1}, user="tester").job.id
+    # A claim that committed on the server while its reply was lost: the job
+    # runs under this supervisor's lease, with its start recorded, but the
+    # supervisor never learned of it.
+    [lost] = runs.claim_jobs(engine, supervisor.id, 1, lease_seconds=300, starting=1)
+    assert lost.started_at is not None
+    supervisor.claims_unconfirmed = True
+
+    supervisor.release_unconfirmed_claims()
+
+    job = store.get_job(engine, job_id)
+    assert job.status == "queued"
+    assert job.attempt == 0
+    assert supervisor.claims_unconfirmed is False
+    finished = wait_for(lambda: finished_job(engine, supervisor, job_id), 30, "the job to run again")
+    assert finished.status == "succeeded"
+    assert finished.attempt == 1
+
+
+def test_failed_claim_closes_claim_connection(engine, local_supervisor):
+    supervisor = local_supervisor
+    connection = supervisor.open_claim_connection()
+    store.submit(engine, "noop", {"steps": 1}, user="tester")
+    with engine.begin() as admin:
+        admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": connection.info.backend_pid})
+
+    with pytest.raises(sa.exc.OperationalError):
+        supervisor.claim(1)
+
+    assert supervisor.claims_unconfirmed is True
+    assert supervisor.claim_connection is None
+    assert supervisor.open_claim_connection() is not connection
+
+
+def finished_job(engine, supervisor, job_id):
+    """Run one pass of the supervisor's loop; return the job once it has ended."""
+    supervisor.handle_outcomes(supervisor.pool.wait(timeout=0.05))
+    supervisor.tick(time.monotonic())
+    job = store.get_job(engine, job_id)
+    return job if job.is_terminal else None
