@@ -368,8 +368,8 @@ def notify_running(bind: Bind, job_ids: Sequence[int]) -> None:
         if not isinstance(bind, sa.Connection):
             connection.execute(sa.text("SET LOCAL synchronous_commit = off"))
         connection.execute(
-            sa.text("SELECT pg_notify(:channel, json_build_object('kind', 'status', 'job', id, 'status', 'running')::text) "
-                    "FROM unnest(CAST(:ids AS bigint[])) AS id"),
+            sa.text("SELECT pg_notify(:channel, json_build_object('kind', 'status', 'job', id, "
+                    "'status', 'running')::text) FROM unnest(CAST(:ids AS bigint[])) AS id"),
             {"channel": CHANGES_CHANNEL, "ids": list(job_ids)},
         )
 
