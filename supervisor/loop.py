@@ -40,7 +40,7 @@ from analyses import registry
 from analyses.errors import InvalidParams
 from supervisor import config as config_module
 from supervisor import db, logs, memory, payloads, rates, runs, store, sweeps
-from supervisor.errors import ConfigError, ErrorCode, ServiceError
+from supervisor.errors import ConfigError, DatabaseUnavailable, ErrorCode, ServiceError
 from supervisor.listener import Listener
 from supervisor.pool import Outcome, Task, WorkerPool
 from supervisor.throttle import Reader, Throttle
@@ -228,12 +228,33 @@ class Supervisor:
             self.pool.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        runs.register_supervisor(self.engine, self.id, host=socket.gethostname(), pid=os.getpid(),
-                                 version=VERSION, slots=self.slots)
+        self.register()
         self.listener = Listener(self.database_url, [store.WORK_CHANNEL], str(self.id))
         self.listener.start()
         logger.info("supervisor started", extra=self.log_extra("supervisor_started", slots=self.slots,
                                                                  pid=os.getpid()))
+
+    def register(self) -> None:
+        """Record this supervisor in the supervisors table, retrying with backoff like the start-up check.
+
+        Raises ``DatabaseUnavailable`` after ``START_ATTEMPTS`` failures.
+        """
+        delay = START_RETRY_SECONDS
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                runs.register_supervisor(self.engine, self.id, host=socket.gethostname(), pid=os.getpid(),
+                                         version=VERSION, slots=self.slots)
+                return
+            except sa.exc.OperationalError as error:
+                if attempt == START_ATTEMPTS or self.stopping:
+                    raise DatabaseUnavailable(
+                        f"could not register the supervisor: {error.orig}; check that the database "
+                        "is running (`analysisctl doctor`)") from error
+                logger.warning("start-up check failed; retrying",
+                               extra=self.log_extra("supervisor_start_retry", error=str(error.orig),
+                                                    attempt=attempt, retry_in_seconds=delay))
+                time.sleep(delay)
+                delay = min(START_RETRY_MAX_SECONDS, delay * 2)
 
     def request_stop(self, signum: int, _frame=None) -> None:
         if self.stopping:
@@ -993,6 +1014,11 @@ def run_supervisor(settings: config_module.Config, *, configure_logging: bool = 
     try:
         supervisor.start()
         supervisor.run_forever()
+    except ServiceError as error:
+        logger.critical("supervisor cannot start",
+                        extra={"event": "supervisor_start_failed", "error": error.message,
+                               "exit_code": error.exit_code})
+        return error.exit_code
     finally:
         supervisor.shutdown()
         engine.dispose()

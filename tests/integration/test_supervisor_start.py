@@ -11,6 +11,7 @@ import time
 
 import psutil
 import pytest
+import sqlalchemy as sa
 
 from supervisor import config, loop
 from supervisor.errors import ConfigError
@@ -57,3 +58,49 @@ def test_stop_signal_during_worker_start_exits_0(database_url, engine, tmp_path)
 def test_worker_count_above_four_per_cpu_rejected():
     with pytest.raises(ConfigError, match="at most .* on this machine"):
         config.load({"ANALYSIS_WORKERS": str(4 * (os.cpu_count() or 1) + 1), "ANALYSIS_CONFIG": ""})
+
+
+def failing_registration(failures: int, real):
+    """Return a stand-in for runs.register_supervisor that fails ``failures`` times, then registers."""
+    calls = []
+
+    def register(*args, **kwargs):
+        calls.append(args)
+        if len(calls) <= failures:
+            raise sa.exc.OperationalError("INSERT INTO supervisors", {}, Exception("server closed the connection"))
+        return real(*args, **kwargs)
+
+    return register
+
+
+def test_registration_retried_then_exit_5(database_url, engine, tmp_path, monkeypatch, caplog):
+    settings = config.load({**FAST_SETTINGS, "ANALYSIS_DATABASE_URL": database_url,
+                            "ANALYSIS_DATA_DIR": str(tmp_path), "ANALYSIS_WORKERS": "1"})
+    monkeypatch.setattr(loop.runs, "register_supervisor", failing_registration(99, loop.runs.register_supervisor))
+    monkeypatch.setattr(loop, "START_RETRY_SECONDS", 0.01)
+
+    with caplog.at_level(logging.WARNING, logger="supervisor.loop"):
+        exit_code = loop.run_supervisor(settings, configure_logging=False)
+
+    assert exit_code == 5
+    retries = [record for record in caplog.records if getattr(record, "event", None) == "supervisor_start_retry"]
+    assert len(retries) == loop.START_ATTEMPTS - 1
+    failures = [record for record in caplog.records if getattr(record, "event", None) == "supervisor_start_failed"]
+    assert failures[0].exit_code == 5
+    assert "could not register the supervisor" in failures[0].error
+
+
+def test_registration_retried_then_started(database_url, engine, tmp_path, monkeypatch):
+    settings = config.load({**FAST_SETTINGS, "ANALYSIS_DATABASE_URL": database_url,
+                            "ANALYSIS_DATA_DIR": str(tmp_path), "ANALYSIS_WORKERS": "1"})
+    monkeypatch.setattr(loop.runs, "register_supervisor", failing_registration(2, loop.runs.register_supervisor))
+    monkeypatch.setattr(loop, "START_RETRY_SECONDS", 0.01)
+    supervisor = loop.Supervisor(settings, engine)
+
+    try:
+        supervisor.start()
+        registered = [row["id"] for row in loop.runs.list_supervisors(engine)]
+    finally:
+        supervisor.shutdown()
+
+    assert supervisor.id in registered
