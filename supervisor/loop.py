@@ -426,7 +426,7 @@ class Supervisor:
                 self.send_notifications(connection)
                 self.flush_pending(connection)
                 if limit:
-                    jobs = self.claim_in(connection, limit)
+                    jobs = self.claim_jobs(connection, limit, notify=True)
         except sa.exc.SQLAlchemyError:
             # The commit may have failed after the server applied it.
             self.claims_unconfirmed = self.claims_unconfirmed or bool(limit)
@@ -478,11 +478,8 @@ class Supervisor:
                 self.unnotified_since = time.monotonic()
         return claimed
 
-    def claim_in(self, connection: sa.Connection, limit: int) -> list[store.Job]:
-        """Claim up to ``limit`` jobs in ``connection``'s transaction; ``accept_claimed`` them after the commit."""
-        return self.claim_jobs(connection, limit, notify=True)
-
     def claim_jobs(self, bind: psycopg.Connection | sa.Connection, limit: int, *, notify: bool) -> list[store.Job]:
+        """Claim up to ``limit`` jobs through ``bind``; the caller passes them to ``accept_claimed`` once committed."""
         # Jobs that go straight to idle workers get their start recorded by the claim itself.
         starting = max(0, len(self.pool.free_slots()) - len(self.ready))
         jobs = runs.claim_jobs(bind, self.id, limit, lease_seconds=self.settings.lease_seconds,

@@ -15,8 +15,9 @@ from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from cli.main import app
-from supervisor import access, db
-from tests.integration.supervisor_harness import SupervisorProcess, pid_exists, wait_for
+from supervisor import access, config, db
+from supervisor.loop import Supervisor
+from tests.integration.supervisor_harness import FAST_SETTINGS, SupervisorProcess, pid_exists, wait_for
 
 
 def resume(pid: int) -> None:
@@ -45,6 +46,17 @@ def cli(engine, database_url, tmp_path):
         return runner.invoke(app, list(args), env=env)
 
     return invoke
+
+
+@pytest.fixture
+def local_supervisor(engine, database_url, tmp_path):
+    """A supervisor with one worker in this process, so a test can drive its loop and read its state."""
+    environ = {**FAST_SETTINGS, "ANALYSIS_DATABASE_URL": database_url, "ANALYSIS_DATA_DIR": str(tmp_path),
+               "ANALYSIS_WORKERS": "1", "ANALYSIS_CONFIG": ""}
+    supervisor = Supervisor(config.load(environ), engine)
+    supervisor.start()
+    yield supervisor
+    supervisor.shutdown()
 
 
 @pytest.fixture

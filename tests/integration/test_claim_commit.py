@@ -7,9 +7,8 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from supervisor import config, runs, store
-from supervisor.loop import Supervisor
-from tests.integration.supervisor_harness import FAST_SETTINGS, wait_for
+from supervisor import runs, store
+from tests.integration.supervisor_harness import wait_for
 
 # A deferred constraint trigger runs at COMMIT. This one ends its own server
 # process when the committing transaction moved a job from queued to
@@ -44,17 +43,14 @@ def execute_all(engine: sa.Engine, statements: list[str]) -> None:
 
 
 @pytest.fixture
-def local_supervisor(engine, database_url, tmp_path):
-    environ = {**FAST_SETTINGS, "ANALYSIS_DATABASE_URL": database_url, "ANALYSIS_DATA_DIR": str(tmp_path),
-               "ANALYSIS_WORKERS": "1", "ANALYSIS_CONFIG": ""}
-    supervisor = Supervisor(config.load(environ), engine)
-    supervisor.start()
-    yield supervisor
+def failing_claim_commit(engine):
+    """Make every commit that claims a job fail until the test ends."""
+    execute_all(engine, INSTALL_COMMIT_FAILURE)
+    yield
     execute_all(engine, REMOVE_COMMIT_FAILURE)
-    supervisor.shutdown()
 
 
-def test_failed_batch_commit_keeps_no_claimed_runs(engine, local_supervisor):
+def test_failed_batch_commit_keeps_no_claimed_runs(engine, local_supervisor, request):
     supervisor = local_supervisor
     busy = store.submit(engine, "noop", {"steps": 50, "step_seconds": 0.1}, user="tester").job.id
     wait_for(lambda: supervisor.pool.running() or supervisor.tick(time.monotonic()), 30, "the first job to start")
@@ -67,7 +63,7 @@ def test_failed_batch_commit_keeps_no_claimed_runs(engine, local_supervisor):
     supervisor.wake_claim = True
     assert supervisor.pool.free_slots() == []
     assert supervisor.claim_limit() > 0
-    execute_all(engine, INSTALL_COMMIT_FAILURE)
+    request.getfixturevalue("failing_claim_commit")
 
     with pytest.raises(sa.exc.OperationalError):
         supervisor.write_and_claim()

@@ -8,10 +8,10 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from supervisor import config, runs, store
+from supervisor import runs, store
 from supervisor.loop import Supervisor
 from supervisor.throttle import Readings, Throttle
-from tests.integration.supervisor_harness import FAST_SETTINGS, wait_for, wait_for_status
+from tests.integration.supervisor_harness import wait_for, wait_for_status
 
 pytestmark = pytest.mark.slow
 
@@ -171,16 +171,6 @@ class InjectedReader:
 
     def read(self) -> Readings | None:
         return self.next
-
-
-@pytest.fixture
-def local_supervisor(engine, database_url, tmp_path):
-    environ = {**FAST_SETTINGS, "ANALYSIS_DATABASE_URL": database_url, "ANALYSIS_DATA_DIR": str(tmp_path),
-               "ANALYSIS_WORKERS": "1", "ANALYSIS_CONFIG": ""}
-    supervisor = Supervisor(config.load(environ), engine)
-    supervisor.start()
-    yield supervisor
-    supervisor.shutdown()
 
 
 def step(supervisor: Supervisor, readings: Readings) -> None:
